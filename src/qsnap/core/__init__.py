@@ -1,0 +1,1 @@
+"""Models, errors, names, configuration and the subprocess call site (the bottom layer)."""

@@ -1,0 +1,122 @@
+"""Typed models for what qsnap reads and does (frozen dataclasses, no behaviour)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One internal snapshot of a qcow2 image, as QEMU reports it."""
+
+    id: str
+    name: str
+    date: datetime  # timezone-aware, UTC
+    vm_state_size: int
+    vm_clock_ns: int
+    disk_size: int | None = None
+    icount: int | None = None
+
+    @property
+    def has_vm_state(self) -> bool:
+        return self.vm_state_size > 0
+
+    @property
+    def date_iso(self) -> str:
+        return self.date.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "date": self.date_iso,
+            "vm_state_size": self.vm_state_size,
+            "vm_clock_ns": self.vm_clock_ns,
+            "disk_size": self.disk_size,
+        }
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What `qemu-img info` (or the qcow2 reader) says about an image."""
+
+    path: str
+    format: str
+    virtual_size: int
+    actual_size: int  # bytes allocated on the host filesystem
+    file_size: int  # apparent length of the file
+    cluster_size: int | None
+    snapshots: tuple[Snapshot, ...]
+    compat: str | None = None
+    compression_type: str | None = None
+    refcount_bits: int | None = None
+    lazy_refcounts: bool | None = None
+    extended_l2: bool | None = None
+    corrupt: bool | None = None
+    encrypted: bool = False
+    backing_file: str | None = None
+    dirty: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.path,
+            "format": self.format,
+            "virtual_size": self.virtual_size,
+            "actual_size": self.actual_size,
+            "file_size": self.file_size,
+            "cluster_size": self.cluster_size,
+            "snapshot_count": len(self.snapshots),
+            "compat": self.compat,
+            "compression_type": self.compression_type,
+            "refcount_bits": self.refcount_bits,
+            "lazy_refcounts": self.lazy_refcounts,
+            "extended_l2": self.extended_l2,
+            "corrupt": self.corrupt,
+            "encrypted": self.encrypted,
+            "backing_file": self.backing_file,
+            "dirty": self.dirty,
+        }
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict of `qemu-img check`."""
+
+    path: str
+    corruptions: int
+    leaks: int
+    check_errors: int
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int | None = None
+    total_clusters: int | None = None
+    allocated_clusters: int | None = None
+    fragmented_clusters: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def clean(self) -> bool:
+        return self.corruptions == 0 and self.leaks == 0 and self.check_errors == 0
+
+    @property
+    def verdict(self) -> str:
+        if self.corruptions or self.check_errors:
+            return "corrupt"
+        if self.leaks:
+            return "leaks"
+        return "clean"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.path,
+            "verdict": self.verdict,
+            "corruptions": self.corruptions,
+            "leaks": self.leaks,
+            "check_errors": self.check_errors,
+            "image_end_offset": self.image_end_offset,
+            "total_clusters": self.total_clusters,
+            "allocated_clusters": self.allocated_clusters,
+            "fragmented_clusters": self.fragmented_clusters,
+        }

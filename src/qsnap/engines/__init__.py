@@ -1,0 +1,1 @@
+"""Engines that act on snapshots: qemu-img (VM stopped) and the QEMU monitor (VM running)."""
