@@ -47,16 +47,24 @@ def info_argv(path: Path | str, *, force_share: bool = True) -> list[str]:
     return [*argv, str(path)]
 
 
+def image_opts(path: Path | str) -> str:
+    """`--image-opts` spec forcing the qcow2 driver (`qemu-img snapshot` has no -f).
+
+    Commas in option values are escaped by doubling them (QEMU's option syntax).
+    """
+    return "driver=qcow2,file.driver=file,file.filename=" + str(path).replace(",", ",,")
+
+
 def create_argv(path: Path | str, name: str) -> list[str]:
-    return [QEMU_IMG, "snapshot", "-f", "qcow2", "-c", name, str(path)]
+    return [QEMU_IMG, "snapshot", "--image-opts", "-c", name, image_opts(path)]
 
 
 def apply_argv(path: Path | str, snapshot_id: str) -> list[str]:
-    return [QEMU_IMG, "snapshot", "-f", "qcow2", "-a", snapshot_id, str(path)]
+    return [QEMU_IMG, "snapshot", "--image-opts", "-a", snapshot_id, image_opts(path)]
 
 
 def delete_argv(path: Path | str, name: str) -> list[str]:
-    return [QEMU_IMG, "snapshot", "-f", "qcow2", "-d", name, str(path)]
+    return [QEMU_IMG, "snapshot", "--image-opts", "-d", name, image_opts(path)]
 
 
 def check_argv(path: Path | str, *, force_share: bool = False) -> list[str]:
@@ -243,3 +251,33 @@ def convert(path: Path | str, snapshot_id: str | None, output: Path | str, **kwa
 def version() -> str:
     result = proc.run([QEMU_IMG, "--version"])
     return result.stdout.splitlines()[0] if result.stdout else ""
+
+
+class QemuImgEngine:
+    """The offline engine: every verb is one qemu-img run on a stopped VM's image."""
+
+    name = NAME
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def list_snapshots(self) -> tuple[Snapshot, ...]:
+        return list_snapshots(self.path)
+
+    def create(self, name: str) -> None:
+        create(self.path, name)
+
+    def apply(self, snapshot: Snapshot) -> None:
+        # -a looks its argument up as an ID first: the ID selects exactly this snapshot.
+        apply(self.path, snapshot.id)
+
+    def delete(self, snapshot: Snapshot) -> None:
+        # -d looks its argument up by name only and takes the first match in table order.
+        current = list_snapshots(self.path)
+        first = next((s for s in current if s.name == snapshot.name), None)
+        if first is not None and first.id == snapshot.id:
+            delete(self.path, snapshot.name)
+            return
+        from qsnap.engines import storage_daemon
+
+        storage_daemon.delete_snapshot(self.path, snapshot)

@@ -1,0 +1,14 @@
+"""Subcommand groups. Each module has ``register(subparsers)``; handlers import lazily."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def COMMAND_MODULES() -> list[Register]:  # noqa: N802 - a constant-like factory
+    from qsnap.cli.commands import snapshots
+
+    return [snapshots.register]

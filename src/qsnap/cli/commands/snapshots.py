@@ -1,0 +1,224 @@
+"""list, create, restore, delete, info, check."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from qsnap.cli.invocation import Invocation
+
+if TYPE_CHECKING:
+    from qsnap.service.snapshots import ListResult
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from qsnap.cli.main import add_common
+
+    p = sub.add_parser("list", help="list the image's snapshots")
+    add_common(p, json=True)
+    p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser("create", help="take a snapshot of the current state")
+    add_common(p, json=True)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-m", "--message", "--description", dest="description", metavar="DESCRIPTION",
+                   help="a description, kept in the sidecar <image>.qsnap.json")
+    p.add_argument("--replace", action="store_true",
+                   help="replace an existing snapshot of that name (the new one is taken first)")
+    p.set_defaults(handler=cmd_create)
+
+    p = sub.add_parser("restore", help="revert to a snapshot (a safety snapshot is taken first)")
+    add_common(p, json=True)
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--id", dest="snapshot_id", metavar="N", help="select the snapshot by ID")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--no-safety", action="store_true", help="do not take a safety snapshot first")
+    p.set_defaults(handler=cmd_restore)
+
+    p = sub.add_parser("delete", help="delete a snapshot (permanent)")
+    add_common(p, json=True)
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.add_argument("--id", dest="snapshot_id", metavar="N", help="select the snapshot by ID")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(handler=cmd_delete)
+
+    p = sub.add_parser("info", help="image details and snapshot count")
+    add_common(p, json=True)
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("check", help="qemu-img check, with its verdict as the exit code")
+    add_common(p, json=True)
+    p.set_defaults(handler=cmd_check)
+
+
+def _need_target(inv: Invocation) -> None:
+    from qsnap.core.errors import UsageError
+
+    if inv.args.name is None and inv.args.snapshot_id is None:
+        raise UsageError("Name a snapshot (NAME) or give --id N.")
+
+
+def render_list(inv: Invocation, result: ListResult) -> None:
+    from qsnap.cli.render import human_size, local_date, table, vm_clock
+
+    if inv.json:
+        inv.emit_json(result.to_json())
+        return
+    if not result.entries:
+        inv.out(f"No snapshots in {result.image}.")
+        return
+    rows = []
+    for entry in result.entries:
+        snap = entry.snapshot
+        rows.append([
+            snap.id, snap.name, local_date(snap),
+            human_size(snap.vm_state_size), vm_clock(snap.vm_clock_ns), entry.description or "",
+        ])
+    for line in table(rows, ["ID", "NAME", "DATE", "VM STATE", "VM CLOCK", "DESCRIPTION"]):
+        inv.out(line)
+
+
+def cmd_list(inv: Invocation) -> int:
+    from qsnap import service
+
+    render_list(inv, service.list_snapshots(inv.image(), inv.context()))
+    return 0
+
+
+def cmd_create(inv: Invocation) -> int:
+    from qsnap import service
+    from qsnap.core.names import validate_name
+
+    validate_name(inv.args.name)  # before anything else, even finding the image
+    result = service.create(inv.image(), inv.args.name, description=inv.args.description,
+                            replace=inv.args.replace, ctx=inv.context())
+    for warning in result.warnings:
+        inv.note(f"warning: {warning}")
+    if inv.json:
+        inv.emit_json(result.to_json())
+        return 0
+    snap = result.snapshot
+    replaced = f", replacing ID {result.replaced.id}" if result.replaced else ""
+    inv.out(f"Snapshot {snap.name!r} created (ID {snap.id}{replaced}) via {result.engine}.")
+    return 0
+
+
+def cmd_restore(inv: Invocation) -> int:
+    from qsnap import service
+    from qsnap.core.names import validate_name
+
+    _need_target(inv)
+    if inv.args.name is not None and inv.args.snapshot_id is None:
+        validate_name(inv.args.name)
+    image = inv.image()
+    ctx = inv.context()
+    _, target = service.resolve(image, inv.args.name, inv.args.snapshot_id, ctx)
+    safety = not inv.args.no_safety
+    question = (f"Restore {image.name} to snapshot {target.name!r} (ID {target.id})? "
+                + ("The current state is kept as a safety snapshot." if safety
+                   else "The current state will be LOST (--no-safety)."))
+    if not inv.confirm(question):
+        inv.note("Nothing was changed.")
+        return 1
+    result = service.restore(image, target.name, snapshot_id=target.id, safety=safety, ctx=ctx)
+    for warning in result.warnings:
+        inv.note(f"warning: {warning}")
+    if inv.json:
+        inv.emit_json(result.to_json())
+        return 0
+    if result.safety_snapshot is not None:
+        inv.out(f"Safety snapshot {result.safety_snapshot.name!r} (ID {result.safety_snapshot.id}) "
+                "holds the state before this restore.")
+    inv.out(f"Snapshot {result.snapshot.name!r} (ID {result.snapshot.id}) restored via {result.engine}.")
+    if result.safety_snapshot is not None:
+        inv.out(f"To undo: qsnap -i {image} restore {result.safety_snapshot.name}")
+    return 0
+
+
+def cmd_delete(inv: Invocation) -> int:
+    from qsnap import service
+    from qsnap.core.names import validate_name
+
+    _need_target(inv)
+    if inv.args.name is not None and inv.args.snapshot_id is None:
+        validate_name(inv.args.name)
+    image = inv.image()
+    ctx = inv.context()
+    _, target = service.resolve(image, inv.args.name, inv.args.snapshot_id, ctx)
+    if not inv.confirm(f"Delete snapshot {target.name!r} (ID {target.id}, {target.date_iso}) from "
+                       f"{image.name}? This cannot be undone."):
+        inv.note("Nothing was changed.")
+        return 1
+    result = service.delete(image, target.name, snapshot_id=target.id, ctx=ctx)
+    for warning in result.warnings:
+        inv.note(f"warning: {warning}")
+    if inv.json:
+        inv.emit_json(result.to_json())
+        return 0
+    inv.out(f"Snapshot {result.snapshot.name!r} (ID {result.snapshot.id}) deleted via {result.engine}.")
+    return 0
+
+
+def cmd_info(inv: Invocation) -> int:
+    from qsnap import service
+    from qsnap.cli.render import human_size
+
+    info = service.info(inv.image(), inv.context())
+    if inv.json:
+        inv.emit_json(info.to_json())
+        return 0
+    rows = [
+        ("image", info.path),
+        ("format", f"qcow2 (compat {info.compat})" if info.compat else info.format),
+        ("virtual size", f"{human_size(info.virtual_size)} ({info.virtual_size} bytes)"),
+        ("file size", f"{human_size(info.file_size)} ({info.file_size} bytes)"),
+        ("allocated on disk", f"{human_size(info.actual_size)}"),
+        ("cluster size", human_size(info.cluster_size)),
+        ("snapshots", str(len(info.snapshots))),
+    ]
+    if info.compression_type:
+        rows.append(("compression", info.compression_type))
+    if info.refcount_bits:
+        rows.append(("refcount bits", str(info.refcount_bits)))
+    if info.extended_l2:
+        rows.append(("extended L2", "yes"))
+    if info.lazy_refcounts:
+        rows.append(("lazy refcounts", "yes"))
+    if info.encrypted:
+        rows.append(("encrypted", "yes"))
+    if info.backing_file:
+        rows.append(("backing file", info.backing_file))
+    if info.corrupt:
+        rows.append(("corrupt flag", "SET (run qsnap check)"))
+    if info.dirty:
+        rows.append(("dirty", "yes (lazy refcounts need repair)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        inv.out(f"{key + ':':<{width + 1}} {value}")
+    return 0
+
+
+def cmd_check(inv: Invocation) -> int:
+    from qsnap import service
+    from qsnap.core.errors import CorruptImage
+
+    result, in_use = service.check(inv.image(), inv.context())
+    if inv.json:
+        inv.emit_json({**result.to_json(), "in_use": in_use})
+    else:
+        inv.out(f"{result.path}: {result.verdict}")
+        inv.out(f"  corruptions: {result.corruptions}, leaked clusters: {result.leaks}, "
+                f"check errors: {result.check_errors}")
+        if result.allocated_clusters is not None and result.total_clusters:
+            inv.out(f"  {result.allocated_clusters}/{result.total_clusters} clusters allocated")
+        if result.leaks and not (result.corruptions or result.check_errors):
+            inv.out("  leaked clusters waste space but lose no data; "
+                    "'qemu-img check -r leaks' reclaims them while the VM is stopped")
+        if in_use:
+            inv.note("warning: a running VM holds the image; the check read it with force-share "
+                     "and may report false leaks or errors")
+    if result.corruptions or result.check_errors:
+        if not inv.json:
+            inv.note(f"qsnap: error: {CorruptImage.__doc__} ({result.corruptions} corruptions)")
+        return CorruptImage.exit_code
+    return 0

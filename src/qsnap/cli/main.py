@@ -1,0 +1,130 @@
+"""`qsnap`: the command line. The only layer that prints, reads argv or picks exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from qsnap import __version__
+from qsnap.cli.env import Environment
+from qsnap.cli.invocation import Invocation
+from qsnap.core.errors import Interrupted, QsnapError
+
+EPILOG = """\
+exit codes: 0 ok, 1 unexpected error, 2 usage, 3 snapshot not found, 4 snapshot exists,
+5 ambiguous snapshot, 6 invalid name, 7 image missing/unreadable/not qcow2, 8 image in use,
+9 program missing, 10 image corrupt, 11 verification failed, 12 monitor/VM error,
+13 output exists, 130 interrupted.
+
+image: -i IMAGE, else $QCOW2_IMAGE, else $IMAGE_PATH (path or glob), else
+./debian-hurd-amd64-*.qcow2, then ./debian-hurd-amd64.qcow2.
+"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() can return the exit code."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageExit(f"{self.prog}: error: {message}\n{self.format_usage().rstrip()}")
+
+
+class _UsageExit(Exception):
+    pass
+
+
+def add_common(parser: argparse.ArgumentParser, *, json: bool = False) -> None:
+    """Options accepted both before and after the subcommand."""
+    parser.add_argument("-i", "--image", default=argparse.SUPPRESS, help="qcow2 image to work on")
+    parser.add_argument("--monitor", default=argparse.SUPPRESS,
+                        help="QEMU monitor address of the VM (unix:PATH, tcp:HOST:PORT, telnet:HOST:PORT, PORT)")
+    parser.add_argument("--vm", default=argparse.SUPPRESS,
+                        help="how to stop/start the VM when needed: qsnap (default) or compose:SERVICE[@FILE]")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the commands run and tracebacks")
+    if json:
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def build_parser() -> ArgumentParser:
+    from qsnap.cli.commands import COMMAND_MODULES
+
+    parser = ArgumentParser(
+        prog="qsnap",
+        description="Manage the internal snapshots of QEMU qcow2 images, safely.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qsnap {__version__}")
+    add_common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for register in COMMAND_MODULES():
+        register(sub)
+    return parser
+
+
+def setup_logging(debug: bool, env: Environment) -> None:
+    if debug:
+        handler = logging.StreamHandler(env.stderr)
+        handler.setFormatter(logging.Formatter("qsnap: debug: %(message)s"))
+        root = logging.getLogger("qsnap")
+        root.handlers[:] = [handler]
+        root.setLevel(logging.DEBUG)
+
+
+def report_error(prog: str, exc: QsnapError, env: Environment) -> None:
+    env.err(f"{prog}: error: {exc}")
+
+
+def dispatch(
+    parser: ArgumentParser, argv: Sequence[str], env: Environment, prog: str
+) -> int:
+    argv = list(argv)
+    debug = "--debug" in argv
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help / --version
+            return int(exc.code or 0)
+        debug = bool(getattr(args, "debug", False))
+        setup_logging(debug, env)
+        handler: Callable[[Invocation], int] | None = getattr(args, "handler", None)
+        if handler is None:
+            env.stderr.write(parser.format_help())
+            return 2
+        return handler(Invocation(args, env, prog, argv))
+    except _UsageExit as exc:
+        env.err(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        env.err(f"{prog}: interrupted")
+        return Interrupted.exit_code
+    except QsnapError as exc:
+        if debug:
+            traceback.print_exc(file=env.stderr)
+        report_error(prog, exc, env)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into exit 1
+        if debug:
+            traceback.print_exc(file=env.stderr)
+        env.err(f"{prog}: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for details)")
+        return 1
+
+
+def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> int:
+    env = env or Environment()
+    argv = sys.argv[1:] if argv is None else argv
+    return dispatch(build_parser(), argv, env, "qsnap")
+
+
+def run() -> None:
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    sys.exit(code)
