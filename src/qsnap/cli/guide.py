@@ -9,6 +9,7 @@ before restore, atomic backups).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -38,7 +39,9 @@ def build_parser() -> ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common(parser)
-    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=ArgumentParser)
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
+        dest="command", metavar="<command>", parser_class=ArgumentParser
+    )
 
     p = sub.add_parser("create", help="create a snapshot")
     add_common(p)
@@ -179,8 +182,6 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
 
 def run() -> None:
     code = main()
-    try:
+    with contextlib.suppress(BrokenPipeError):
         sys.stdout.flush()
-    except BrokenPipeError:
-        pass
     sys.exit(code)

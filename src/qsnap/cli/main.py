@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 
 from qsnap import __version__
@@ -59,7 +58,9 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qsnap {__version__}")
     add_common(parser)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=ArgumentParser
+    )
     for register in COMMAND_MODULES():
         register(sub)
     return parser
@@ -67,6 +68,8 @@ def build_parser() -> ArgumentParser:
 
 def setup_logging(debug: bool, env: Environment) -> None:
     if debug:
+        import logging
+
         handler = logging.StreamHandler(env.stderr)
         handler.setFormatter(logging.Formatter("qsnap: debug: %(message)s"))
         root = logging.getLogger("qsnap")
@@ -103,13 +106,17 @@ def dispatch(
         return Interrupted.exit_code
     except QsnapError as exc:
         if debug:
+            import traceback
+
             traceback.print_exc(file=env.stderr)
         report_error(prog, exc, env)
         return exc.exit_code
     except BrokenPipeError:
         return 1
-    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into exit 1
+    except Exception as exc:
         if debug:
+            import traceback
+
             traceback.print_exc(file=env.stderr)
         env.err(f"{prog}: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for details)")
         return 1
@@ -123,8 +130,6 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
 
 def run() -> None:
     code = main()
-    try:
+    with contextlib.suppress(BrokenPipeError):
         sys.stdout.flush()
-    except BrokenPipeError:
-        pass
     sys.exit(code)

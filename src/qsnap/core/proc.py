@@ -7,7 +7,6 @@ becomes :class:`ProgramMissing` with the package that provides it.
 
 from __future__ import annotations
 
-import logging
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,13 @@ from typing import IO
 
 from qsnap.core.errors import Interrupted, ProcessError, ProgramMissing
 
-log = logging.getLogger("qsnap.proc")
+
+def _debug(message: str, *args: object) -> None:
+    """Log at debug level, importing logging only when a handler was set up (--debug)."""
+    import sys
+
+    if "logging" in sys.modules:
+        sys.modules["logging"].getLogger("qsnap.proc").debug(message, *args)
 
 #: Which Debian/Ubuntu package provides each program we call.
 PACKAGES: Mapping[str, str] = {
@@ -53,9 +58,9 @@ def run(
 ) -> Result:
     """Run ARGV to completion and capture its output as text."""
     argv = [str(a) for a in argv]
-    log.debug("run: %s", shlex.join(argv))
+    _debug("run: %s", shlex.join(argv))
     try:
-        completed = subprocess.run(  # noqa: S603 - argv list, no shell
+        completed = subprocess.run(
             argv,
             input=input,
             capture_output=True,
@@ -72,7 +77,7 @@ def run(
         raise Interrupted(f"Interrupted while running {argv[0]}.") from exc
     result = Result(tuple(argv), completed.returncode, completed.stdout, completed.stderr)
     if completed.returncode != 0:
-        log.debug("exit %d: %s", completed.returncode, completed.stderr.strip())
+        _debug("exit %d: %s", completed.returncode, completed.stderr.strip())
         if check:
             raise ProcessError(argv, completed.returncode, completed.stdout, completed.stderr)
     return result
@@ -89,9 +94,9 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start ARGV without waiting (for streaming and long-lived processes such as QEMU)."""
     argv = [str(a) for a in argv]
-    log.debug("spawn: %s", shlex.join(argv))
+    _debug("spawn: %s", shlex.join(argv))
     try:
-        return subprocess.Popen(  # noqa: S603 - argv list, no shell
+        return subprocess.Popen(
             argv,
             stdout=stdout,
             stderr=stderr,

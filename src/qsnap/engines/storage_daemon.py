@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, cast
 
 from qsnap.core import proc
 from qsnap.core.errors import ImageInUse, ProcessError, QsnapError
@@ -51,10 +52,10 @@ def delete_snapshot(image: Path, snapshot: Snapshot, timeout: float = 30.0) -> N
             qmp = QEMUMonitorProtocol(os.fspath(sock))
             qmp.connect()
             try:
-                reply = qmp.cmd(
+                reply = cast(dict[str, Any], qmp.cmd(
                     "blockdev-snapshot-delete-internal-sync",
                     device="qsnap-disk", id=snapshot.id, name=snapshot.name,
-                )
+                ))
                 if "error" in reply:
                     raise QsnapError(
                         f"qemu-storage-daemon could not delete snapshot ID {snapshot.id} "

@@ -26,7 +26,7 @@ def audit_path(image: Path) -> Path:
 def _user() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in a container
+    except Exception:
         return str(os.getuid())
 
 

@@ -7,11 +7,7 @@ confirm what happened, update the sidecar, and record the operation in the audit
 
 from __future__ import annotations
 
-import getpass
 import os
-import shlex
-import socket
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,9 +25,7 @@ from qsnap.core.models import CheckResult, ImageInfo, Snapshot
 from qsnap.core.names import find_by_name, resolve_snapshot, validate_name
 from qsnap.engines import qemu_img
 from qsnap.engines.base import Engine
-from qsnap.service import audit
 from qsnap.service.image import check_image_file, check_writable
-from qsnap.service.lock import image_lock
 from qsnap.service.sidecar import Sidecar, key_of
 
 SAFETY_PREFIX = "pre-restore-"
@@ -152,9 +146,14 @@ def _preflight_offline(image: Path) -> None:
 
 
 def _creator(ctx: Context) -> dict[str, str]:
+    import getpass
+    import shlex
+    import socket
+    import sys
+
     try:
         user = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry (containers)
+    except Exception:
         user = str(os.getuid())
     return {"user": user, "host": socket.gethostname(),
             "command": ctx.command or shlex.join(sys.argv)}
@@ -214,6 +213,9 @@ def create(
     An existing NAME is refused (SnapshotExists) unless ``replace``: then the new snapshot is
     taken first and the old one removed after, so there is never a moment with neither.
     """
+    from qsnap.service import audit
+    from qsnap.service.lock import image_lock
+
     validate_name(name)
     path = check_image_file(Path(image).absolute())
     with image_lock(path, f"create {name}", ctx.lock_timeout), audit.recorded(path, "create", name) as rec:
@@ -287,6 +289,9 @@ def restore(
     ctx: Context = DEFAULT_CONTEXT,
 ) -> RestoreResult:
     """Revert the image to a snapshot, after taking a safety snapshot of the current state."""
+    from qsnap.service import audit
+    from qsnap.service.lock import image_lock
+
     if name is not None and snapshot_id is None:
         validate_name(name)
     path = check_image_file(Path(image).absolute())
@@ -336,6 +341,9 @@ def delete(
     snapshot_id: str | None = None,
     ctx: Context = DEFAULT_CONTEXT,
 ) -> DeleteResult:
+    from qsnap.service import audit
+    from qsnap.service.lock import image_lock
+
     if name is not None and snapshot_id is None:
         validate_name(name)
     path = check_image_file(Path(image).absolute())

@@ -8,7 +8,7 @@ from collections.abc import Callable
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
-def COMMAND_MODULES() -> list[Register]:  # noqa: N802 - a constant-like factory
+def COMMAND_MODULES() -> list[Register]:
     from qsnap.cli.commands import snapshots
 
     return [snapshots.register]

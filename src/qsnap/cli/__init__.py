@@ -1,0 +1,1 @@
+"""The command-line layer: `qsnap` (main.py) and `manage-snapshots` (guide.py)."""

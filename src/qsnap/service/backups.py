@@ -1,0 +1,77 @@
+"""Backup use cases: the service side (name resolution, locking, routing, audit) around
+:mod:`qsnap.backup`, which knows formats, manifests and verification."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qsnap.core.errors import ImageInUse
+from qsnap.core.names import resolve_snapshot, validate_name
+from qsnap.engines import qemu_img
+from qsnap.service.image import check_image_file
+from qsnap.service.snapshots import DEFAULT_CONTEXT, Context, select_engine
+
+if TYPE_CHECKING:
+    from qsnap.backup import BackupResult
+
+CURRENT = "@current"
+TEMP_PREFIX = "qsnap-backup-tmp-"
+
+
+def backup(
+    image: str | os.PathLike[str],
+    name: str,
+    output: str | os.PathLike[str],
+    *,
+    snapshot_id: str | None = None,
+    force: bool = False,
+    ctx: Context = DEFAULT_CONTEXT,
+    **options: Any,
+) -> BackupResult:
+    """Export snapshot NAME (or ``@current``, the current state) of IMAGE into OUTPUT.
+
+    The image lock is held for the whole backup, so no qsnap command deletes the snapshot
+    while its clusters are being read. ``@current`` of a running VM goes through a temporary
+    snapshot that is removed afterwards.
+    """
+    from qsnap.backup import export_snapshot
+    from qsnap.service import audit
+    from qsnap.service.lock import image_lock
+
+    current = name == CURRENT and snapshot_id is None
+    if not current and snapshot_id is None:
+        validate_name(name)
+    path = check_image_file(Path(image).absolute())
+    out = Path(output).absolute()
+    with image_lock(path, f"backup {name}", ctx.lock_timeout), audit.recorded(path, "backup", name) as rec:
+        engine = select_engine(path, ctx, write=current)
+        rec.engine = engine.name
+        rec.details["output"] = str(out)
+        if not current:
+            snapshot = resolve_snapshot(engine.list_snapshots(), name, snapshot_id)
+            rec.details["snapshot_id"] = snapshot.id
+            return export_snapshot(path, snapshot, out, force=force, **options)
+        if engine.name == qemu_img.NAME:
+            # Offline: nothing may write the image while we copy its current state.
+            try:
+                qemu_img.check(path)
+            except ImageInUse as exc:
+                raise ImageInUse(
+                    f"{path} is in use by a running VM, so its current state is changing.",
+                    hint="let qsnap use the VM's monitor (--monitor ADDR) to back up through a "
+                    "temporary snapshot, or stop the VM",
+                ) from exc
+            return export_snapshot(path, None, out, force=force, **options)
+        temp_name = f"{TEMP_PREFIX}{datetime.now():%Y%m%d-%H%M%S-%f}"
+        engine.create(temp_name)
+        try:
+            temp = resolve_snapshot(engine.list_snapshots(), temp_name)
+            rec.details["temporary_snapshot"] = temp_name
+            return export_snapshot(path, temp, out, force=force, **options)
+        finally:
+            remaining = [s for s in engine.list_snapshots() if s.name == temp_name]
+            for snap in remaining:
+                engine.delete(snap)
