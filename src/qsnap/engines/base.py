@@ -8,12 +8,14 @@ from qsnap.core.models import Snapshot
 
 
 class Engine(Protocol):
-    #: "qemu-img", "qmp" or "hmp": printed so users know which path was taken.
-    name: str
+    @property
+    def name(self) -> str:
+        """"qemu-img", "qmp" or "hmp": printed so users know which path was taken."""
+        ...
 
     def list_snapshots(self) -> tuple[Snapshot, ...]: ...
 
-    def create(self, name: str) -> None: ...
+    def create(self, name: str) -> object: ...
 
     def apply(self, snapshot: Snapshot) -> None: ...
 

@@ -12,7 +12,7 @@ from qsnap.core.errors import ImageInUse
 from qsnap.core.names import resolve_snapshot, validate_name
 from qsnap.engines import qemu_img
 from qsnap.service.image import check_image_file
-from qsnap.service.snapshots import DEFAULT_CONTEXT, Context, select_engine
+from qsnap.service.snapshots import DEFAULT_CONTEXT, Context, open_engine
 
 if TYPE_CHECKING:
     from qsnap.backup import BackupResult
@@ -46,8 +46,9 @@ def backup(
         validate_name(name)
     path = check_image_file(Path(image).absolute())
     out = Path(output).absolute()
-    with image_lock(path, f"backup {name}", ctx.lock_timeout), audit.recorded(path, "backup", name) as rec:
-        engine = select_engine(path, ctx, write=current)
+    with image_lock(path, f"backup {name}", ctx.lock_timeout), \
+            audit.recorded(path, "backup", name) as rec, \
+            open_engine(path, ctx, write=current) as engine:
         rec.engine = engine.name
         rec.details["output"] = str(out)
         if not current:

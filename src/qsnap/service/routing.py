@@ -1,21 +1,110 @@
-"""Which engine acts on an image: the running VM's monitor, or qemu-img when no VM holds it."""
+"""Which engine acts on an image: the running VM's monitor, or qemu-img when no VM holds it.
+
+The monitor is found from ``--monitor``, ``QSNAP_MONITOR``, the guide's ``MONITOR_PORT``, or
+the run directory of a VM that ``qsnap vm start`` launched on this image. It is used only if
+its VM really has this image open (same path, a ``QSNAP_PATH_MAP`` entry, or same file name
+and virtual size — inside a container the path differs). Otherwise qemu-img acts, and if a
+VM we cannot reach holds the image, qemu-img's lock error becomes exit 8 naming the settings.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import struct
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from qsnap.core.errors import ImageInUse, MonitorError, UsageError
 from qsnap.core.models import ImageInfo, Snapshot
 from qsnap.engines import qemu_img
 from qsnap.engines.base import Engine
 
 if TYPE_CHECKING:
+    from qsnap.monitor.address import MonitorAddress
     from qsnap.service.audit import Operation
     from qsnap.service.snapshots import Context, RestoreResult
 
+CONNECT_TIMEOUT = 3.0
 
-def select_engine(image: Path, ctx: Context, *, write: bool) -> Engine:
-    return qemu_img.QemuImgEngine(image)
+
+def virtual_size(image: Path) -> int | None:
+    """The virtual disk size from the qcow2 header (bytes 24..32), without running anything."""
+    try:
+        with open(image, "rb") as handle:
+            header = handle.read(32)
+    except OSError:
+        return None
+    if len(header) < 32:
+        return None
+    return int(struct.unpack(">Q", header[24:32])[0])
+
+
+def path_map(environ: Mapping[str, str]) -> dict[str, str]:
+    """``QSNAP_PATH_MAP=HOST=QEMU[,HOST=QEMU...]``: how the VM names host images."""
+    raw = environ.get("QSNAP_PATH_MAP", "").strip()
+    mapping: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        host, sep, guest = item.partition("=")
+        if not sep or not host or not guest:
+            raise UsageError(f"QSNAP_PATH_MAP entry {item!r} is not HOST_PATH=QEMU_PATH.")
+        mapping[str(Path(host).absolute())] = guest
+    return mapping
+
+
+def monitor_address(image: Path, ctx: Context) -> MonitorAddress | None:
+    from qsnap.monitor.address import address_from, parse_address
+
+    address = address_from(ctx.monitor, ctx.env())
+    if address is not None:
+        return address
+    from qsnap.vm import find_running
+
+    running = find_running(image)
+    if running is not None:
+        return parse_address(running.qmp_address, "qsnap vm")
+    return None
+
+
+def _monitor_engine(image: Path, ctx: Context) -> Engine | None:
+    address = monitor_address(image, ctx)
+    if address is None:
+        return None
+    from qsnap.engines.monitor import MonitorEngine
+    from qsnap.monitor import connect
+
+    try:
+        monitor = connect(address, CONNECT_TIMEOUT)
+    except MonitorError:
+        # Nobody answers: the VM is not running (or not reachable); qemu-img decides, and
+        # a lock error then says which settings to fix.
+        return None
+    try:
+        engine = MonitorEngine.for_image(monitor, image, virtual_size(image), path_map(ctx.env()))
+    except BaseException:
+        monitor.close()
+        raise
+    if engine is None:
+        monitor.close()
+        return None
+    return engine
+
+
+def choose_engine(image: Path, ctx: Context, *, write: bool) -> Engine:
+    return _monitor_engine(image, ctx) or qemu_img.QemuImgEngine(image)
+
+
+@contextlib.contextmanager
+def open_engine(image: Path, ctx: Context, *, write: bool) -> Iterator[Engine]:
+    engine = choose_engine(image, ctx, write=write)
+    try:
+        yield engine
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
 
 
 def read_info(image: Path, ctx: Context) -> ImageInfo:
@@ -35,12 +124,55 @@ def restore(
     from qsnap.service import snapshots as svc
 
     warnings: list[str] = []
-    if engine.name == qemu_img.NAME:
+    online = engine.name != qemu_img.NAME
+    controller: Any = None
+    if online and not target.has_vm_state:
+        # A disk-only snapshot cannot be loaded into a running VM: stop it, revert offline,
+        # start it again — only when we know how to stop and start it. Check before the
+        # safety snapshot, so a refusal leaves nothing behind.
+        from qsnap.vm import NoController, controller_for
+
+        controller = controller_for(path, ctx.vm)
+        if isinstance(controller, NoController):
+            raise MonitorError(
+                f"Snapshot {target.name!r} is disk-only (no VM state), so it cannot be loaded into "
+                "the running VM, and qsnap does not know how to stop and restart this VM.",
+                hint="pass --vm compose:SERVICE[@FILE] (or start the VM with 'qsnap vm start'), "
+                "or stop the VM and run the restore again",
+            )
+    if not online:
         svc._preflight_offline(path)
     safety_snapshot = svc.take_safety_snapshot(path, engine, before, target, ctx) if safety else None
     if safety_snapshot is not None:
         rec.details["safety_snapshot"] = safety_snapshot.name
-    engine.apply(target)
-    after = engine.list_snapshots()
+    engine_name = engine.name
+    if controller is None:
+        engine.apply(target)
+        after = engine.list_snapshots()
+    else:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+        controller.stop()
+        _wait_unlocked(path)
+        qemu_img.apply(path, target.id)
+        after = qemu_img.list_snapshots(path)
+        controller.start()
+        engine_name = f"{engine.name}+qemu-img"
+        warnings.append(f"the VM was stopped ({controller.name}), reverted offline and started again")
+    rec.engine = engine_name
     svc.record_restored(path, target, after, warnings)
-    return svc.RestoreResult(path, engine.name, target, safety_snapshot, tuple(warnings))
+    return svc.RestoreResult(path, engine_name, target, safety_snapshot, tuple(warnings))
+
+
+def _wait_unlocked(path: Path, timeout: float = 30.0) -> None:
+    """After stopping a VM, wait until QEMU has released the image's locks."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            qemu_img.check(path)
+            return
+        except ImageInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

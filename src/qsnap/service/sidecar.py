@@ -26,8 +26,9 @@ def sidecar_path(image: Path) -> Path:
 
 
 def key_of(snapshot: Snapshot) -> str:
-    """A key that survives ID reuse: id, name and creation time together."""
-    return f"{snapshot.id}|{snapshot.name}|{snapshot.date_iso}"
+    """A key that survives ID reuse: id, name and creation time (whole seconds: HMP's text
+    listing has no sub-second dates) together."""
+    return f"{snapshot.id}|{snapshot.name}|{int(snapshot.date.timestamp())}"
 
 
 @dataclass

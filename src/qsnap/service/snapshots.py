@@ -7,6 +7,7 @@ confirm what happened, update the sidecar, and record the operation in the audit
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -126,11 +127,21 @@ class _Run:
 
 # ------------------------------------------------------------------ engine choice
 
-def select_engine(image: Path, ctx: Context, *, write: bool) -> Engine:
-    """The engine for IMAGE: the VM's monitor when a running VM holds it, else qemu-img."""
+def open_engine(image: Path, ctx: Context, *, write: bool) -> contextlib.AbstractContextManager[Engine]:
+    """The engine for IMAGE: the VM's monitor when a running VM holds it, else qemu-img.
+
+    A context manager: a monitor connection is closed when the block ends.
+    """
     from qsnap.service import routing
 
-    return routing.select_engine(image, ctx, write=write)
+    return routing.open_engine(image, ctx, write=write)
+
+
+def select_engine(image: Path, ctx: Context, *, write: bool) -> Engine:
+    """Like :func:`open_engine`, for callers that close the engine themselves (``close()``)."""
+    from qsnap.service import routing
+
+    return routing.choose_engine(image, ctx, write=write)
 
 
 def _preflight_offline(image: Path) -> None:
@@ -167,8 +178,8 @@ def _now_iso() -> str:
 
 def list_snapshots(image: str | os.PathLike[str], ctx: Context = DEFAULT_CONTEXT) -> ListResult:
     path = check_image_file(Path(image).absolute())
-    engine = select_engine(path, ctx, write=False)
-    snapshots = engine.list_snapshots()
+    with open_engine(path, ctx, write=False) as engine:
+        snapshots = engine.list_snapshots()
     sidecar = Sidecar.load(path)
     current = sidecar.current
     entries = []
@@ -218,8 +229,9 @@ def create(
 
     validate_name(name)
     path = check_image_file(Path(image).absolute())
-    with image_lock(path, f"create {name}", ctx.lock_timeout), audit.recorded(path, "create", name) as rec:
-        engine = select_engine(path, ctx, write=True)
+    with image_lock(path, f"create {name}", ctx.lock_timeout), \
+            audit.recorded(path, "create", name) as rec, \
+            open_engine(path, ctx, write=True) as engine:
         rec.engine = engine.name
         before = engine.list_snapshots()
         existing = find_by_name(before, name)
@@ -231,9 +243,23 @@ def create(
                     hint="choose another name, or use --replace to take a new one and drop the old",
                 )
             old = resolve_snapshot(before, name)  # refuses duplicates (exit 5)
-        if engine.name == qemu_img.NAME:
+        online = engine.name != qemu_img.NAME
+        if not online:
             _preflight_offline(path)
+        holder: Snapshot | None = None
+        if old is not None and online:
+            # A monitor refuses (QMP) or silently overwrites (HMP) a duplicate name, so the
+            # new state is first kept under a temporary name, then the old snapshot goes.
+            holder_name = safety_name(before).replace(SAFETY_PREFIX, "qsnap-replace-")
+            engine.create(holder_name)
+            holder = resolve_snapshot(engine.list_snapshots(), holder_name)
+            engine.delete(old)
+            old_deleted = True
+        else:
+            old_deleted = False
         engine.create(name)
+        if holder is not None:
+            engine.delete(holder)
         after = engine.list_snapshots()
         before_ids = {(s.id, s.name, s.date) for s in before}
         new = [s for s in after if s.name == name and (s.id, s.name, s.date) not in before_ids]
@@ -243,7 +269,8 @@ def create(
         snapshot = new[0]
         warnings: list[str] = []
         if old is not None:
-            engine.delete(old)
+            if not old_deleted:
+                engine.delete(old)
             rec.details["replaced_id"] = old.id
         sidecar = Sidecar.load(path)
         parent = sidecar.current_snapshot(before)
@@ -297,8 +324,8 @@ def restore(
     path = check_image_file(Path(image).absolute())
     label = name or f"ID {snapshot_id}"
     with image_lock(path, f"restore {label}", ctx.lock_timeout), \
-            audit.recorded(path, "restore", name) as rec:
-        engine = select_engine(path, ctx, write=True)
+            audit.recorded(path, "restore", name) as rec, \
+            open_engine(path, ctx, write=True) as engine:
         rec.engine = engine.name
         before = engine.list_snapshots()
         target = resolve_snapshot(before, name, snapshot_id)
@@ -348,8 +375,9 @@ def delete(
         validate_name(name)
     path = check_image_file(Path(image).absolute())
     label = name or f"ID {snapshot_id}"
-    with image_lock(path, f"delete {label}", ctx.lock_timeout), audit.recorded(path, "delete", name) as rec:
-        engine = select_engine(path, ctx, write=True)
+    with image_lock(path, f"delete {label}", ctx.lock_timeout), \
+            audit.recorded(path, "delete", name) as rec, \
+            open_engine(path, ctx, write=True) as engine:
         rec.engine = engine.name
         before = engine.list_snapshots()
         target = resolve_snapshot(before, name, snapshot_id)
@@ -376,8 +404,8 @@ def resolve(image: str | os.PathLike[str], name: str | None, snapshot_id: str | 
     if name is not None and snapshot_id is None:
         validate_name(name)
     path = check_image_file(Path(image).absolute())
-    engine = select_engine(path, ctx, write=False)
-    return path, resolve_snapshot(engine.list_snapshots(), name, snapshot_id)
+    with open_engine(path, ctx, write=False) as engine:
+        return path, resolve_snapshot(engine.list_snapshots(), name, snapshot_id)
 
 
 __all__ = [
