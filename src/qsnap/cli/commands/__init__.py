@@ -9,6 +9,6 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 
 def COMMAND_MODULES() -> list[Register]:
-    from qsnap.cli.commands import snapshots
+    from qsnap.cli.commands import snapshots, vm
 
-    return [snapshots.register]
+    return [snapshots.register, vm.register]
