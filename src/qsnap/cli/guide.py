@@ -118,12 +118,12 @@ def cmd_create(inv: Invocation) -> int:
 
 def cmd_restore(inv: Invocation) -> int:
     from qsnap import service
-    from qsnap.core.names import validate_name
+    from qsnap.core.names import validate_lookup_name
 
     name = inv.args.name
     inv.out(f"Restoring snapshot: {name}")
     if inv.args.snapshot_id is None:
-        validate_name(name)
+        validate_lookup_name(name)
     image = inv.image()
     ctx = inv.context()
     _, target = service.resolve(image, name, inv.args.snapshot_id, ctx)
@@ -139,12 +139,12 @@ def cmd_restore(inv: Invocation) -> int:
 
 def cmd_delete(inv: Invocation) -> int:
     from qsnap import service
-    from qsnap.core.names import validate_name
+    from qsnap.core.names import validate_lookup_name
 
     name = inv.args.name
     inv.out(f"Deleting snapshot: {name}")
     if inv.args.snapshot_id is None:
-        validate_name(name)
+        validate_lookup_name(name)
     image = inv.image()
     ctx = inv.context()
     _, target = service.resolve(image, name, inv.args.snapshot_id, ctx)
@@ -158,12 +158,12 @@ def cmd_delete(inv: Invocation) -> int:
 
 def cmd_backup(inv: Invocation) -> int:
     from qsnap import service
-    from qsnap.core.names import validate_name
+    from qsnap.core.names import validate_lookup_name
 
     name = inv.args.name
     inv.out(f"Backing up snapshot: {name} -> {inv.args.output}")
     if inv.args.snapshot_id is None:
-        validate_name(name)
+        validate_lookup_name(name)
     output = Path(inv.args.output)
     if not output.is_absolute():
         output = inv.env.cwd / output

@@ -42,6 +42,21 @@ def describe_bad_name(name: str) -> str | None:
     return None
 
 
+def validate_lookup_name(name: str) -> str:
+    """Check a name used to *find* an existing snapshot (restore, delete, backup).
+
+    The same rule as :func:`validate_name`, except that all-digit names are allowed: other
+    tools may have made them, and resolution then refuses them as ambiguous when they clash
+    with an ID (exit 5) instead of calling them invalid.
+    """
+    reason = describe_bad_name(name)
+    if reason is not None and not _DIGITS_RE.match(name):
+        raise InvalidName(f"Invalid snapshot name {name!r}: {reason}; a name must be {NAME_RULE}.")
+    if reason is not None and len(name) > MAX_NAME_LENGTH:
+        raise InvalidName(f"Invalid snapshot name {name!r}: {reason}; a name must be {NAME_RULE}.")
+    return name
+
+
 def is_valid_name(name: str) -> bool:
     return describe_bad_name(name) is None
 

@@ -61,10 +61,14 @@ def delete_snapshot(image: Path, snapshot: Snapshot, timeout: float = 30.0) -> N
                         f"qemu-storage-daemon could not delete snapshot ID {snapshot.id} "
                         f"{snapshot.name!r}: {reply['error'].get('desc')}."
                     )
-                qmp.cmd("quit")
             finally:
                 qmp.close()
-            child.wait(timeout=timeout)
+            # SIGTERM makes the daemon close its block nodes cleanly (flushing metadata);
+            # a QMP 'quit' races with the reply and shows up as EOF on our side.
+            child.terminate()
+            if child.wait(timeout=timeout) != 0:
+                stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
+                raise ProcessError(daemon_argv(image, sock), child.returncode, "", stderr)
         finally:
             if child.poll() is None:
                 child.kill()

@@ -9,6 +9,7 @@ delays the ACK of the echoed command and an HMP round trip costs ~45 ms instead 
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import time
@@ -158,16 +159,12 @@ class SocketTransport:
                 hint="QEMU may have exited; the command may or may not have run",
             )
         if self._tcp and _QUICKACK is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
         return data
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.close()
-            except OSError:
-                pass

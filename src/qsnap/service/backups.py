@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qsnap.core.errors import ImageInUse
-from qsnap.core.names import resolve_snapshot, validate_name
+from qsnap.core.names import resolve_snapshot, validate_lookup_name
 from qsnap.engines import qemu_img
 from qsnap.service.image import check_image_file
 from qsnap.service.snapshots import DEFAULT_CONTEXT, Context, open_engine
@@ -43,7 +43,7 @@ def backup(
 
     current = name == CURRENT and snapshot_id is None
     if not current and snapshot_id is None:
-        validate_name(name)
+        validate_lookup_name(name)
     path = check_image_file(Path(image).absolute())
     out = Path(output).absolute()
     with image_lock(path, f"backup {name}", ctx.lock_timeout), \

@@ -67,12 +67,26 @@ def monitor_address(image: Path, ctx: Context) -> MonitorAddress | None:
     return None
 
 
+def _quiet_qmp_library() -> None:
+    """qemu.qmp logs its own ERROR lines on failed negotiations; qsnap's exit-12 sentence says
+    it better. Keep them unless --debug configured the qsnap logger."""
+    import logging
+
+    if not logging.getLogger("qsnap").handlers:
+        library = logging.getLogger("qemu.qmp")
+        library.propagate = False
+        if not library.handlers:
+            library.addHandler(logging.NullHandler())
+
+
 def _monitor_engine(image: Path, ctx: Context) -> Engine | None:
     address = monitor_address(image, ctx)
     if address is None:
         return None
     from qsnap.engines.monitor import MonitorEngine
     from qsnap.monitor import connect
+
+    _quiet_qmp_library()
 
     try:
         monitor = connect(address, CONNECT_TIMEOUT)

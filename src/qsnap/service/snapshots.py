@@ -23,7 +23,7 @@ from qsnap.core.errors import (
     SnapshotNotFound,
 )
 from qsnap.core.models import CheckResult, ImageInfo, Snapshot
-from qsnap.core.names import find_by_name, resolve_snapshot, validate_name
+from qsnap.core.names import find_by_name, resolve_snapshot, validate_lookup_name, validate_name
 from qsnap.engines import qemu_img
 from qsnap.engines.base import Engine
 from qsnap.service.image import check_image_file, check_writable
@@ -320,7 +320,7 @@ def restore(
     from qsnap.service.lock import image_lock
 
     if name is not None and snapshot_id is None:
-        validate_name(name)
+        validate_lookup_name(name)
     path = check_image_file(Path(image).absolute())
     label = name or f"ID {snapshot_id}"
     with image_lock(path, f"restore {label}", ctx.lock_timeout), \
@@ -372,7 +372,7 @@ def delete(
     from qsnap.service.lock import image_lock
 
     if name is not None and snapshot_id is None:
-        validate_name(name)
+        validate_lookup_name(name)
     path = check_image_file(Path(image).absolute())
     label = name or f"ID {snapshot_id}"
     with image_lock(path, f"delete {label}", ctx.lock_timeout), \
@@ -402,7 +402,7 @@ def resolve(image: str | os.PathLike[str], name: str | None, snapshot_id: str | 
             ctx: Context = DEFAULT_CONTEXT) -> tuple[Path, Snapshot]:
     """Resolve NAME (or ID) in IMAGE to one snapshot, for read-only users such as backup."""
     if name is not None and snapshot_id is None:
-        validate_name(name)
+        validate_lookup_name(name)
     path = check_image_file(Path(image).absolute())
     with open_engine(path, ctx, write=False) as engine:
         return path, resolve_snapshot(engine.list_snapshots(), name, snapshot_id)

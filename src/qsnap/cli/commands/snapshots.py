@@ -105,11 +105,11 @@ def cmd_create(inv: Invocation) -> int:
 
 def cmd_restore(inv: Invocation) -> int:
     from qsnap import service
-    from qsnap.core.names import validate_name
+    from qsnap.core.names import validate_lookup_name
 
     _need_target(inv)
     if inv.args.name is not None and inv.args.snapshot_id is None:
-        validate_name(inv.args.name)
+        validate_lookup_name(inv.args.name)
     image = inv.image()
     ctx = inv.context()
     _, target = service.resolve(image, inv.args.name, inv.args.snapshot_id, ctx)
@@ -137,11 +137,11 @@ def cmd_restore(inv: Invocation) -> int:
 
 def cmd_delete(inv: Invocation) -> int:
     from qsnap import service
-    from qsnap.core.names import validate_name
+    from qsnap.core.names import validate_lookup_name
 
     _need_target(inv)
     if inv.args.name is not None and inv.args.snapshot_id is None:
-        validate_name(inv.args.name)
+        validate_lookup_name(inv.args.name)
     image = inv.image()
     ctx = inv.context()
     _, target = service.resolve(image, inv.args.name, inv.args.snapshot_id, ctx)
