@@ -18,6 +18,7 @@ program carry their evidence (argv, exit status, stderr).
     ├── CorruptImage             10  the image is damaged
     ├── VerificationFailed       11  a backup or copy does not match
     ├── MonitorError             12  the QEMU monitor refused, hung or went away
+    │   └── DiskOnlySnapshot     12  no VM state: cannot be loaded into a running VM
     ├── OutputExists             13  refusing to overwrite a file
     ├── ProcessError              1  a program failed in a way we did not anticipate
     └── Interrupted             130  Ctrl-C
@@ -118,6 +119,10 @@ class MonitorError(QsnapError):
     exit_code = 12
 
 
+class DiskOnlySnapshot(MonitorError):
+    """This snapshot has no VM state and cannot be loaded into a running VM."""
+
+
 class OutputExists(QsnapError):
     """The output file already exists."""
 
@@ -178,6 +183,7 @@ ALL_ERRORS: tuple[type[QsnapError], ...] = (
     CorruptImage,
     VerificationFailed,
     MonitorError,
+    DiskOnlySnapshot,
     OutputExists,
     Interrupted,
     ProcessError,

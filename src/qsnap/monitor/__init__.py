@@ -11,10 +11,10 @@ engine adapter's job (:mod:`qsnap.engines.monitor`). ``qemu.qmp`` is imported la
 
 from __future__ import annotations
 
+from qsnap.core.errors import DiskOnlySnapshot
 from qsnap.monitor.address import MonitorAddress, address_from, parse_address
 from qsnap.monitor.operations import (
     BlockImage,
-    DiskOnlySnapshot,
     HmpMonitor,
     Monitor,
     QmpMonitor,

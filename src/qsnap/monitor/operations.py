@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from qsnap.core.errors import AmbiguousSnapshot, MonitorError, SnapshotExists, SnapshotNotFound
+from qsnap.core.errors import AmbiguousSnapshot, DiskOnlySnapshot, MonitorError, SnapshotExists, SnapshotNotFound
 from qsnap.core.models import Snapshot
 from qsnap.core.names import assert_monitor_safe, validate_name
 from qsnap.monitor.address import MonitorAddress, parse_address
@@ -37,10 +37,6 @@ from qsnap.monitor.transport import DEFAULT_CONNECT_TIMEOUT, SocketTransport, op
 
 DEFAULT_COMMAND_TIMEOUT = 10.0
 DEFAULT_JOB_TIMEOUT = 600.0
-
-
-class DiskOnlySnapshot(MonitorError):
-    """This snapshot has no VM state and cannot be loaded into a running VM."""
 
 
 @dataclass(frozen=True)
