@@ -119,7 +119,8 @@ class Policy:
         return self
 
     def __str__(self) -> str:
-        parts = [f"{'all' if n == UNLIMITED else n} {name}" for name, n in self.counts().items()]
+        parts = [f"{'all' if n == UNLIMITED else n} {'newest' if name == 'last' else name}"
+                 for name, n in self.counts().items()]
         if self.within is not None and not self.within.zero:
             parts.append(f"all within {self.within} of the newest")
         return "keep " + ", ".join(parts) if parts else "empty policy"

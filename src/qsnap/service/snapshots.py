@@ -227,6 +227,10 @@ def create(
     from qsnap.service import audit
     from qsnap.service.lock import image_lock
 
+    if "{" in name:
+        from qsnap.service.history import expand_placeholders
+
+        name = expand_placeholders(name, datetime.now())
     validate_name(name)
     path = check_image_file(Path(image).absolute())
     with image_lock(path, f"create {name}", ctx.lock_timeout), \
@@ -393,7 +397,10 @@ def delete(
         if gone != {(target.id, target.name)}:
             raise QsnapError(f"Deleting {target.name!r} removed {sorted(gone)} — please report this.")
         warnings: list[str] = []
+        from qsnap.service.history import reparent_children
+
         sidecar = Sidecar.load(path)
+        reparent_children(sidecar, [target])
         _save_sidecar(sidecar, after, warnings)
         return DeleteResult(path, engine.name, target, tuple(warnings))
 

@@ -164,9 +164,9 @@ def cmd_verify(inv: Invocation) -> int:
     try:
         report = verify_backup(path, against=against, passphrase=secret, progress=progress_for(inv))
     except VerificationFailed as exc:
-        report = getattr(exc, "report", None)
-        if inv.json and report is not None:
-            inv.emit_json(report.to_json())
+        failed_report = getattr(exc, "report", None)
+        if inv.json and failed_report is not None:
+            inv.emit_json(failed_report.to_json())
         raise
     if inv.json:
         inv.emit_json(report.to_json())

@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("list", help="list the image's snapshots")
     add_common(p, json=True)
+    p.add_argument("--tree", action="store_true", help="draw the snapshot history as a tree")
     p.set_defaults(handler=cmd_list)
 
     p = sub.add_parser("create", help="take a snapshot of the current state")
@@ -81,6 +82,13 @@ def render_list(inv: Invocation, result: ListResult) -> None:
 def cmd_list(inv: Invocation) -> int:
     from qsnap import service
 
+    if inv.args.tree:
+        from qsnap.cli.commands.ops import render_tree
+        from qsnap.service.history import build_tree
+
+        render_tree(inv, build_tree(inv.image(), inv.context()))
+        return 0
+
     render_list(inv, service.list_snapshots(inv.image(), inv.context()))
     return 0
 
@@ -89,6 +97,12 @@ def cmd_create(inv: Invocation) -> int:
     from qsnap import service
     from qsnap.core.names import validate_name
 
+    if "{" in inv.args.name:
+        from datetime import datetime
+
+        from qsnap.service.history import expand_placeholders
+
+        inv.args.name = expand_placeholders(inv.args.name, datetime.now())
     validate_name(inv.args.name)  # before anything else, even finding the image
     result = service.create(inv.image(), inv.args.name, description=inv.args.description,
                             replace=inv.args.replace, ctx=inv.context())
