@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qsnap.core.errors import ImageInUse
+from qsnap.core.errors import ImageInUse, QsnapError
 from qsnap.core.names import resolve_snapshot, validate_lookup_name
 from qsnap.engines import qemu_img
 from qsnap.service.image import check_image_file
@@ -76,3 +76,69 @@ def backup(
             remaining = [s for s in engine.list_snapshots() if s.name == temp_name]
             for snap in remaining:
                 engine.delete(snap)
+
+
+def import_backup(
+    backup_path: str | os.PathLike[str],
+    image: str | os.PathLike[str],
+    *,
+    passphrase: str | None = None,
+    ctx: Context = DEFAULT_CONTEXT,
+) -> Any:
+    """The guide's "Restoring from Backup": replace IMAGE with a verified backup.
+
+    The VM must not hold the image: when qsnap knows how to stop and start it (the VM that
+    ``qsnap vm start`` launched, or ``--vm compose:SERVICE``), it does so around the import;
+    otherwise a running VM makes this exit 8. The previous image is kept as ``.bak-*``.
+    """
+    from qsnap.backup import import_backup as library_import
+    from qsnap.service import audit
+    from qsnap.service.lock import image_lock
+    from qsnap.vm import NoController, controller_for
+
+    path = Path(image).absolute()
+    source = Path(backup_path).absolute()
+    with image_lock(path, f"import {source.name}", ctx.lock_timeout), \
+            audit.recorded(path, "import", None) as rec:
+        rec.details["backup"] = str(source)
+        controller = controller_for(path, ctx.vm) if path.exists() else NoController()
+        restart = False
+        if path.exists():
+            try:
+                qemu_img.check(path)
+            except ImageInUse as exc:
+                if isinstance(controller, NoController) or not controller.is_running():
+                    raise ImageInUse(
+                        f"{path} is in use by a running VM; importing would pull the disk from under it.",
+                        hint="stop the VM first, or tell qsnap how to with --vm compose:SERVICE[@FILE]",
+                    ) from exc
+                controller.stop()
+                restart = True
+                rec.details["vm_stopped"] = controller.name
+            except QsnapError:
+                pass  # a corrupt current image is exactly what an import may be fixing
+        try:
+            return library_import(source, path, passphrase=passphrase)
+        finally:
+            if restart:
+                controller.start()
+
+
+def archive(
+    image: Path,
+    snapshots: Any,
+    to_dir: Path,
+    keep_days: int | None = None,
+    fmt: str = "qcow2.zst",
+    **options: Any,
+) -> Any:
+    """Workflow 4 (monthly archival) under the image lock, recorded in the audit log."""
+    from qsnap.backup import archive as library_archive
+    from qsnap.service import audit
+    from qsnap.service.lock import image_lock
+
+    path = Path(image).absolute()
+    with image_lock(path, "archive", None), audit.recorded(path, "archive", None) as rec:
+        rec.details["to"] = str(to_dir)
+        rec.engine = qemu_img.NAME
+        return library_archive(path, snapshots, to_dir, keep_days, fmt, **options)

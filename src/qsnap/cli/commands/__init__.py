@@ -9,6 +9,6 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 
 def COMMAND_MODULES() -> list[Register]:
-    from qsnap.cli.commands import ops, snapshots, vm
+    from qsnap.cli.commands import backup, ops, snapshots, vm
 
-    return [snapshots.register, ops.register, vm.register]
+    return [snapshots.register, backup.register, ops.register, vm.register]
