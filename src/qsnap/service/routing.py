@@ -54,9 +54,15 @@ def path_map(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def monitor_address(image: Path, ctx: Context) -> MonitorAddress | None:
+    env = ctx.env()
+    configured = bool((ctx.monitor or "").strip() or env.get("QSNAP_MONITOR", "").strip()
+                      or env.get("MONITOR_PORT", "").strip())
+    launched = image.with_name(image.name + ".qsnap-run").is_dir()
+    if not configured and not launched:
+        return None  # the common offline case: import nothing of the monitor or vm layers
     from qsnap.monitor.address import address_from, parse_address
 
-    address = address_from(ctx.monitor, ctx.env())
+    address = address_from(ctx.monitor, env)
     if address is not None:
         return address
     from qsnap.vm import find_running
@@ -121,8 +127,31 @@ def open_engine(image: Path, ctx: Context, *, write: bool) -> Iterator[Engine]:
                 close()
 
 
+READER = "reader"
+
+
+def read_snapshots(image: Path) -> tuple[tuple[Snapshot, ...], str]:
+    """The snapshot table, read directly by the qcow2 reader (no process); qemu-img when
+    the reader refuses the file (it is stricter than QEMU on damaged images)."""
+    from qsnap.core.errors import CorruptImage
+    from qsnap.qcow2 import open_image
+
+    try:
+        with open_image(image) as reader:
+            return reader.snapshots(), READER
+    except CorruptImage:
+        return qemu_img.list_snapshots(image), qemu_img.NAME
+
+
 def read_info(image: Path, ctx: Context) -> ImageInfo:
-    return qemu_img.info(image)
+    from qsnap.core.errors import CorruptImage
+    from qsnap.qcow2 import open_image
+
+    try:
+        with open_image(image) as reader:
+            return reader.info()
+    except CorruptImage:
+        return qemu_img.info(image)
 
 
 def restore(

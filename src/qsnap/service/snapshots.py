@@ -179,7 +179,12 @@ def _now_iso() -> str:
 def list_snapshots(image: str | os.PathLike[str], ctx: Context = DEFAULT_CONTEXT) -> ListResult:
     path = check_image_file(Path(image).absolute())
     with open_engine(path, ctx, write=False) as engine:
-        snapshots = engine.list_snapshots()
+        if engine.name == qemu_img.NAME:
+            from qsnap.service import routing
+
+            snapshots, engine_name = routing.read_snapshots(path)
+        else:
+            snapshots, engine_name = engine.list_snapshots(), engine.name
     sidecar = Sidecar.load(path)
     current = sidecar.current
     entries = []
@@ -189,7 +194,7 @@ def list_snapshots(image: str | os.PathLike[str], ctx: Context = DEFAULT_CONTEXT
             snap, meta.get("description"), meta.get("parent"), bool(meta.get("safety")),
             key_of(snap) == current,
         ))
-    return ListResult(path, engine.name, tuple(entries))
+    return ListResult(path, engine_name, tuple(entries))
 
 
 def info(image: str | os.PathLike[str], ctx: Context = DEFAULT_CONTEXT) -> ImageInfo:
