@@ -43,9 +43,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(handler=cmd_delete)
 
-    p = sub.add_parser("info", help="image details and snapshot count")
+    p = sub.add_parser("info", help="image details, snapshot count and space per snapshot")
     add_common(p, json=True)
+    p.add_argument("--no-space", action="store_true", help="skip the per-snapshot space accounting")
     p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("diff", help="guest ranges that differ between two snapshots (or @current)")
+    add_common(p, json=True)
+    p.add_argument("a", metavar="A", help="snapshot name, or @current")
+    p.add_argument("b", metavar="B", help="snapshot name, or @current")
+    p.add_argument("--a-id", metavar="N", help="select A by ID")
+    p.add_argument("--b-id", metavar="N", help="select B by ID")
+    p.set_defaults(handler=cmd_diff)
 
     p = sub.add_parser("check", help="qemu-img check, with its verdict as the exit code")
     add_common(p, json=True)
@@ -177,9 +186,15 @@ def cmd_info(inv: Invocation) -> int:
     from qsnap import service
     from qsnap.cli.render import human_size
 
-    info = service.info(inv.image(), inv.context())
+    image = inv.image()
+    info = service.info(image, inv.context())
+    report = None
+    if not inv.args.no_space:
+        from qsnap.service.inspection import space
+
+        report = space(image)
     if inv.json:
-        inv.emit_json(info.to_json())
+        inv.emit_json({**info.to_json(), "space": report.to_json() if report else None})
         return 0
     rows = [
         ("image", info.path),
@@ -209,6 +224,26 @@ def cmd_info(inv: Invocation) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         inv.out(f"{key + ':':<{width + 1}} {value}")
+    if report is not None:
+        import shutil
+
+        from qsnap.cli.render_space import render_space
+
+        inv.out()
+        render_space(report, inv.env.stdout, tty=bool(inv.env.stdout_isatty),
+                     width=shutil.get_terminal_size((100, 24)).columns)
+    return 0
+
+
+def cmd_diff(inv: Invocation) -> int:
+    from qsnap.cli.render_space import render_diff
+    from qsnap.service.inspection import diff
+
+    report = diff(inv.image(), inv.args.a, inv.args.b, a_id=inv.args.a_id, b_id=inv.args.b_id)
+    if inv.json:
+        inv.emit_json(report.to_json())
+    else:
+        render_diff(report, inv.env.stdout)
     return 0
 
 
