@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -75,7 +74,7 @@ def qemu_snapshots(path: Path) -> tuple[Snapshot, ...]:
 
 def without_disk_size(snaps: tuple[Snapshot, ...]) -> tuple[Snapshot, ...]:
     """qemu-img info does not report a snapshot's disk size: compare the rest."""
-    return tuple(dataclasses.replace(s, disk_size=None) for s in snaps)
+    return tuple(s._replace(disk_size=None) for s in snaps)
 
 
 def qemu_check(path: Path) -> dict[str, object]:

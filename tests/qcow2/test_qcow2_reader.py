@@ -43,7 +43,7 @@ def assert_matches_qemu(path: Path, scratch: Path) -> None:
 
 
 def dataclasses_fields(info: object) -> dict[str, object]:
-    data = dict(vars(info))
+    data = dict(info._asdict())  # type: ignore[attr-defined]
     data.pop("snapshots")
     data.pop("actual_size")  # qemu-img rounds differently for sparse files; st_blocks is checked below
     return data

@@ -50,9 +50,9 @@ from qsnap.backup.qcow2stream import (
     Qcow2Reader,
     Unsupported,
     read_snapshot_table,
-    write_stream,
+    write_blocks,
 )
-from qsnap.backup.streams import HashingWriter, ParallelGzipWriter, ZstdWriter
+from qsnap.backup.streams import AsyncHash, HashingWriter, ParallelGzipWriter, ZstdWriter, prefetch
 from qsnap.core.errors import ImageError, OutputExists, QsnapError, UsageError
 from qsnap.core.fsutil import atomic_write_bytes
 from qsnap.core.models import Snapshot
@@ -122,7 +122,13 @@ def export_snapshot(
                 )
         info: dict[str, Any] = {}
         try:
-            if form in ("qcow2", "raw") and base is None:
+            if form == "qcow2" and base is None and reader is not None and not compress and encrypt is None:
+                # The compact writer: one read of the data, hashed while written (no re-read).
+                method = "stream"
+                sha, payload_sha, payload_size = _export_stream(
+                    image, snapshot_id, reader, output, form, 0, None, progress, info
+                )
+            elif form in ("qcow2", "raw") and base is None:
                 method = "qemu-img"
                 sha, payload_sha, payload_size = _export_qemu_img(
                     image, snapshot_id, output, form, compress, encrypt, reader, progress, force_share, info
@@ -310,10 +316,13 @@ def _export_qemu_img(
 # ------------------------------------------------------------------------ stream path
 
 class _Pipeline:
-    """payload bytes -> [hash] -> compressor -> [age] -> hashing file writer."""
+    """payload bytes -> [hash] -> compressor -> [age] -> hashing file writer.
+
+    Both sha256s run on their own threads; the compressors use all cores.
+    """
 
     def __init__(self, fd: int, form: str, level: int, encrypt: EncryptionSpec | None) -> None:
-        self.file = HashingWriter(FdWriter(fd))
+        self.file = HashingWriter(FdWriter(fd, writeback=True))
         self.age: Any = None
         sink: Any = self.file
         if encrypt is not None:
@@ -322,7 +331,7 @@ class _Pipeline:
             self.age = AgeEncryptWriter(self.file.write, encrypt.passphrase)
             sink = self.age
         self.compressor: Any = ParallelGzipWriter(sink, level) if form == "qcow2.gz" else ZstdWriter(sink, level)
-        self.payload = hashlib.sha256()
+        self.payload = AsyncHash("qsnap-payload-sha256")
         self.payload_size = 0
 
     def write(self, data: bytes) -> int:
@@ -342,6 +351,10 @@ class _Pipeline:
         if self.age is not None:
             with contextlib.suppress(BaseException):
                 self.age.abort()
+
+    def release(self) -> None:
+        self.payload.close()
+        self.file.close()
 
 
 def _export_stream(
@@ -377,12 +390,13 @@ def _stream_from_reader(
     layout = Layout(reader.cluster_size, reader.virtual_size, indices, [])
     info.update(layout="qsnap-stream-v1", virtual_size=reader.virtual_size, cluster_size=reader.cluster_size,
                 data_offset=layout.data_offset, allocated=len(indices) * reader.cluster_size)
-    check_space(output.parent, _estimate_compressed(reader, layout.file_size), f"the backup {output.name}")
-    return _write_layout(layout, reader.iter_clusters(indices), output, form, level, encrypt, progress)
+    needed = layout.file_size + MARGIN if form == "qcow2" else _estimate_compressed(reader, layout.file_size)
+    check_space(output.parent, needed, f"the backup {output.name}")
+    return _write_layout(layout, prefetch(reader.iter_blocks(indices)), output, form, level, encrypt, progress)
 
 
 def _write_layout(
-    layout: Layout, clusters: Iterator[tuple[int, bytes]], output: Path, form: str, level: int,
+    layout: Layout, blocks: Iterator[tuple[int, bytes]], output: Path, form: str, level: int,
     encrypt: EncryptionSpec | None, progress: Progress | None,
 ) -> tuple[str, str, int]:
     warnings: list[str] = []
@@ -397,19 +411,24 @@ def _write_layout(
 
     with PartialFile(output, warnings) as part:
         if form == "qcow2":
-            sink = HashingWriter(FdWriter(part.fd))
-            write_stream(layout, clusters, sink, tick)
-            sha = payload_sha = sink.sha256.hexdigest()
+            sink = HashingWriter(FdWriter(part.fd, writeback=True))
+            try:
+                write_blocks(layout, blocks, sink, tick)
+                sha = payload_sha = sink.sha256.hexdigest()
+            finally:
+                sink.close()
             size = sink.size
         else:
             pipe = _Pipeline(part.fd, form, level, encrypt)
             try:
-                write_stream(layout, clusters, pipe, tick)
+                write_blocks(layout, blocks, pipe, tick)
                 pipe.close()
+                sha, payload_sha, size = pipe.file.sha256.hexdigest(), pipe.payload.hexdigest(), pipe.payload_size
             except BaseException:
                 pipe.abort()
                 raise
-            sha, payload_sha, size = pipe.file.sha256.hexdigest(), pipe.payload.hexdigest(), pipe.payload_size
+            finally:
+                pipe.release()
         part.commit()
     return sha, payload_sha, size
 
@@ -488,7 +507,7 @@ def _export_incremental(
     info.update(layout="qsnap-stream-v1", virtual_size=reader.virtual_size, cluster_size=reader.cluster_size,
                 data_offset=layout.data_offset, allocated=len(changed) * reader.cluster_size, changed=len(changed))
     check_space(output.parent, layout.file_size + MARGIN, f"the backup {output.name}")
-    return _write_layout(layout, reader.iter_clusters(changed), output, "qcow2", 0, None, progress)
+    return _write_layout(layout, prefetch(reader.iter_blocks(changed)), output, "qcow2", 0, None, progress)
 
 
 def _entry_snapshot(entry: Any) -> Snapshot:

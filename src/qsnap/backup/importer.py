@@ -17,7 +17,7 @@ from pathlib import Path
 from qsnap.backup import qemu
 from qsnap.backup.model import ImportResult, load_manifest
 from qsnap.backup.partial import FdWriter, PartialFile, check_space, is_no_space, no_space_error
-from qsnap.backup.streams import gunzip_chunks, iter_file, unzstd_chunks
+from qsnap.backup.streams import gunzip_chunks, iter_file, parallel_gunzip, unzstd_chunks
 from qsnap.backup.verify import verify_backup
 from qsnap.core.errors import VerificationFailed
 from qsnap.core.fsutil import fsync_dir
@@ -53,6 +53,9 @@ def import_backup(backup: Path, image: Path, *, passphrase: str | None = None) -
 
                         assert passphrase is not None
                         for block in decompress(decrypted_chunks(handle, passphrase)):
+                            write(block)
+                    elif form == "qcow2.gz":
+                        for block in parallel_gunzip(handle.read):
                             write(block)
                     else:
                         for block in decompress(iter_file(handle)):

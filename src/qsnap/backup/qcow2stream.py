@@ -315,6 +315,51 @@ class Qcow2Reader:
             return self.backing.read_cluster(index)
         return None
 
+    def _pread_exact(self, length: int, offset: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            raise Malformed(f"data cluster near {offset} is past the end of the file")
+        return data
+
+    def iter_blocks(self, indices: Iterable[int], block: int = 4 << 20) -> Iterator[tuple[int, bytes]]:
+        """Yield (cluster count, data) for INDICES (ascending), about BLOCK bytes at a time.
+
+        Host-contiguous clusters are read with one pread each run; a block is one buffer, so
+        the writers hash and compress big buffers, not 64 KiB slices.
+        """
+        c = self.cluster_size
+        kinds, entries = self.mapping.kinds, self.mapping.entries
+        per_block = max(1, block // c)
+        pieces: list[bytes] = []
+        count = 0
+        run_start = run_len = 0
+        for idx in indices:
+            if kinds[idx] == DATA:
+                host = entries[idx]
+                if run_len and host == run_start + run_len * c:
+                    run_len += 1
+                else:
+                    if run_len:
+                        pieces.append(self._pread_exact(run_len * c, run_start))
+                    run_start, run_len = host, 1
+            else:
+                if run_len:
+                    pieces.append(self._pread_exact(run_len * c, run_start))
+                    run_len = 0
+                data = self.read_cluster(idx)
+                pieces.append(data if data is not None else bytes(c))
+            count += 1
+            if count >= per_block:
+                if run_len:
+                    pieces.append(self._pread_exact(run_len * c, run_start))
+                    run_len = 0
+                yield count, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                pieces, count = [], 0
+        if run_len:
+            pieces.append(self._pread_exact(run_len * c, run_start))
+        if count:
+            yield count, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
     def iter_clusters(self, indices: Iterable[int], run: int = 32) -> Iterator[tuple[int, bytes]]:
         """Yield (index, data) for INDICES (ascending), merging host-contiguous reads."""
         c = self.cluster_size
@@ -498,6 +543,37 @@ def write_stream(
         if on_bytes:
             on_bytes(len(blob))
     if next(expected, None) is not None:
+        raise ValueError("fewer data clusters than the layout expects")
+    return written
+
+
+def write_blocks(
+    layout: Layout,
+    blocks: Iterable[tuple[int, bytes]],
+    sink: Sink,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Like :func:`write_stream`, with data as (cluster count, bytes) blocks in layout order
+    (:meth:`Qcow2Reader.iter_blocks` over ``layout.data_indices``)."""
+    written = 0
+    for chunk in layout.metadata():
+        sink.write(chunk)
+        written += len(chunk)
+        if on_bytes:
+            on_bytes(len(chunk))
+    c = layout.cluster_size
+    clusters = 0
+    for count, data in blocks:
+        if len(data) != count * c:
+            raise ValueError(f"a block of {count} clusters has {len(data)} bytes")
+        clusters += count
+        if clusters > len(layout.data_indices):
+            raise ValueError("more data clusters than the layout expects")
+        sink.write(data)
+        written += len(data)
+        if on_bytes:
+            on_bytes(len(data))
+    if clusters != len(layout.data_indices):
         raise ValueError("fewer data clusters than the layout expects")
     return written
 

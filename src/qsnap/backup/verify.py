@@ -11,17 +11,16 @@ KiB of disk per GiB of backup, not a full copy.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from qsnap.backup import qemu
 from qsnap.backup.model import Check, VerifyReport, load_manifest
 from qsnap.backup.qcow2stream import DATA, Malformed, Qcow2Reader, StreamChecker, Unsupported
-from qsnap.backup.streams import gunzip_chunks, iter_file, unzstd_chunks
+from qsnap.backup.streams import READ_CHUNK, AsyncHash, ChunkReader, iter_file, parallel_gunzip, unzstd_chunks
 from qsnap.core.errors import UsageError, VerificationFailed
 from qsnap.core.models import Snapshot
 
@@ -124,72 +123,75 @@ def _verify_one(
 
 
 def _sha256(path: Path, progress: Callable[[int, int], None] | None, total: int) -> str:
-    digest = hashlib.sha256()
     done = 0
-    with open(path, "rb") as handle:
+    with AsyncHash() as digest, open(path, "rb", buffering=0) as handle:
         for block in iter_file(handle):
             digest.update(block)
             done += len(block)
             if progress:
                 progress(done, total)
-    return digest.hexdigest()
+        return digest.hexdigest()
 
 
 def _verify_stream(
     path: Path, manifest: dict[str, Any], add: Callable[..., bool], against: Against | None,
     passphrase: str | None, progress: Callable[[int, int], None] | None,
 ) -> int:
+    """One pass: file sha256 (a thread), decompression (gzip members on a thread pool), payload
+    sha256 (a thread) and the structure check (this thread), with bounded queues between them."""
     payload_info = manifest.get("payload") or {}
-    file_hash = hashlib.sha256()
-    payload_hash = hashlib.sha256()
     comparer = _StreamComparer(against) if against is not None else None
     checker = StreamChecker(comparer.on_data if comparer else None)
     if comparer is not None:
         comparer.checker = checker
     total = manifest["size"]
     done = 0
-    decompress = gunzip_chunks if manifest["format"] == "qcow2.gz" else unzstd_chunks
+    gzip = manifest["format"] == "qcow2.gz"
     error: str | None = None
+    with AsyncHash("qsnap-file-sha256") as file_hash, AsyncHash("qsnap-payload-sha256") as payload_hash:
 
-    def consume(chunks: Iterator[bytes]) -> None:
-        for block in decompress(chunks):
-            payload_hash.update(block)
-            checker.feed(block)
+        def consume(read: Callable[[int], bytes]) -> None:
+            blocks = parallel_gunzip(read) if gzip else unzstd_chunks(iter(lambda: read(READ_CHUNK), b""))
+            for block in blocks:
+                payload_hash.update(block)
+                checker.feed(block)
 
-    try:
-        with open(path, "rb") as handle:
-            def raw_chunks() -> Iterator[bytes]:
-                nonlocal done
-                for block in iter_file(handle):
+        try:
+            with open(path, "rb") as handle:
+                def read(n: int) -> bytes:
+                    nonlocal done
+                    block = handle.read(n)
                     file_hash.update(block)
                     done += len(block)
                     if progress:
                         progress(done, total)
-                    yield block
+                    return block
 
-            if manifest.get("encryption"):
-                from qsnap.backup.agecrypt import AgeError, decrypted_chunks
+                if manifest.get("encryption"):
+                    from qsnap.backup.agecrypt import AgeError, decrypted_chunks
 
-                class _Tee:
-                    def read(self, n: int = -1) -> bytes:
-                        block = handle.read(n)
-                        file_hash.update(block)
-                        return block
+                    class _Tee:
+                        def read(self, n: int = -1) -> bytes:
+                            block = handle.read(n)
+                            file_hash.update(block)
+                            return block
 
-                try:
-                    assert passphrase is not None
-                    consume(decrypted_chunks(_Tee(), passphrase))
-                except AgeError as exc:
-                    error = f"decryption: {exc}"
-            else:
-                consume(raw_chunks())
-    except ValueError as exc:
-        error = f"decompression: {exc}"
-    except Malformed as exc:
-        error = f"qcow2 stream: {exc}"
-    add("sha256", file_hash.hexdigest() == manifest["sha256"] or error is not None,
+                    try:
+                        assert passphrase is not None
+                        consume(ChunkReader(decrypted_chunks(_Tee(), passphrase)).read)
+                    except AgeError as exc:
+                        error = f"decryption: {exc}"
+                else:
+                    consume(read)
+        except ValueError as exc:
+            error = f"decompression: {exc}"
+        except Malformed as exc:
+            error = f"qcow2 stream: {exc}"
+        file_sha = file_hash.hexdigest()
+        payload_sha = payload_hash.hexdigest()
+    add("sha256", file_sha == manifest["sha256"] or error is not None,
         "file checksum differs from the manifest")
-    if file_hash.hexdigest() != manifest["sha256"] and error is None:
+    if file_sha != manifest["sha256"] and error is None:
         error = "file checksum differs from the manifest"
     if error is not None:
         add("payload", False, error)
@@ -200,7 +202,7 @@ def _verify_stream(
         add("qcow2 stream", False, str(exc))
         return 0
     add("qcow2 stream", True)
-    ok = payload_hash.hexdigest() == payload_info.get("sha256")
+    ok = payload_sha == payload_info.get("sha256")
     if not add("payload sha256", ok, "decompressed qcow2 differs from the manifest"):
         return result.file_size
     _skeleton_check(path, result.metadata, result.file_size, add)

@@ -128,6 +128,10 @@ def cmd_restore(inv: Invocation) -> int:
     ctx = inv.context()
     _, target = service.resolve(image, name, inv.args.snapshot_id, ctx)
     inv.out("WARNING: This will discard all changes since snapshot was created!")
+    if not inv.confirm(f"Restore '{name}' (ID {target.id})? The current state is kept as a safety snapshot."
+                       if not inv.args.no_safety else f"Restore '{name}' (ID {target.id})?"):
+        inv.note("Nothing was changed.")
+        return 1
     result = service.restore(image, target.name, snapshot_id=target.id,
                              safety=not inv.args.no_safety, ctx=ctx)
     if result.safety_snapshot is not None:

@@ -88,7 +88,8 @@ def dispatch(
     debug = "--debug" in argv
     try:
         try:
-            args = parser.parse_args(argv)
+            with contextlib.redirect_stdout(env.stdout), contextlib.redirect_stderr(env.stderr):
+                args = parser.parse_args(argv)
         except SystemExit as exc:  # --help / --version
             return int(exc.code or 0)
         debug = bool(getattr(args, "debug", False))

@@ -1,14 +1,16 @@
-"""Typed models for what qsnap reads and does (frozen dataclasses, no behaviour)."""
+"""Typed models for what qsnap reads and does (immutable records, no behaviour).
+
+They are NamedTuples rather than frozen dataclasses on purpose: `qsnap list` imports them on
+every run, and `dataclasses` drags in `inspect` (~10-20 ms of start-up on these machines).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     """One internal snapshot of a qcow2 image, as QEMU reports it."""
 
     id: str
@@ -38,8 +40,7 @@ class Snapshot:
         }
 
 
-@dataclass(frozen=True)
-class ImageInfo:
+class ImageInfo(NamedTuple):
     """What `qemu-img info` (or the qcow2 reader) says about an image."""
 
     path: str
@@ -80,8 +81,7 @@ class ImageInfo:
         }
 
 
-@dataclass(frozen=True)
-class CheckResult:
+class CheckResult(NamedTuple):
     """The verdict of `qemu-img check`."""
 
     path: str
@@ -94,7 +94,7 @@ class CheckResult:
     total_clusters: int | None = None
     allocated_clusters: int | None = None
     fragmented_clusters: int | None = None
-    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    raw: dict[str, Any] | None = None  # qemu-img's own JSON
 
     @property
     def clean(self) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from qsnap.core.errors import CorruptImage, ImageError
 
@@ -181,8 +181,7 @@ ReadFn = Callable[[int, int, str], bytes]
 
 # ------------------------------------------------------------------ parsed values
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """The image header and its extensions, validated as QEMU validates them on open."""
 
     version: int
@@ -236,11 +235,10 @@ class Header:
         return self.size // 512 * 512
 
 
-@dataclass(frozen=True)
-class SnapshotEntry:
+class SnapshotEntry(NamedTuple):
     """One parsed entry of the snapshot table ("== Snapshots ==")."""
 
-    index: int  # position in the table
+    position: int  # index in the table
     table_offset: int  # where the entry starts in the file
     l1_table_offset: int
     l1_size: int
@@ -400,13 +398,15 @@ def parse_header(first: bytes, file_size: int, path: str) -> Header:
     )
 
 
-@dataclass
 class _Extensions:
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: tuple[tuple[int, int, str], ...] = ()
-    bitmaps: tuple[int, int, int] | None = None
-    crypto_header: tuple[int, int] | None = None
+    """What the header extensions said (filled while walking them)."""
+
+    def __init__(self) -> None:
+        self.backing_format: str | None = None
+        self.data_file: str | None = None
+        self.feature_names: tuple[tuple[int, int, str], ...] = ()
+        self.bitmaps: tuple[int, int, int] | None = None
+        self.crypto_header: tuple[int, int] | None = None
 
 
 def _parse_extensions(first: bytes, start: int, end: int, cluster_size: int) -> _Extensions:
@@ -478,7 +478,7 @@ def parse_snapshot_table(read: ReadFn, header: Header) -> tuple[SnapshotEntry, .
         icount = values.get("icount", ICOUNT_NONE)
         entries.append(
             SnapshotEntry(
-                index=index,
+                position=index,
                 table_offset=entry_offset,
                 l1_table_offset=l1_offset,
                 l1_size=l1_size,

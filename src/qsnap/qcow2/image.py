@@ -239,7 +239,7 @@ class Qcow2Image:
         out = []
         for e in self._entries:
             if e.date_nsec >= 1_000_000_000:
-                raise self._corrupt(f"snapshot table entry {e.index}", f"date_nsec {e.date_nsec} is not below 10^9")
+                raise self._corrupt(f"snapshot table entry {e.position}", f"date_nsec {e.date_nsec} is not below 10^9")
             out.append(
                 Snapshot(
                     id=e.id,
@@ -297,13 +297,13 @@ class Qcow2Image:
         if snapshot is None:
             return self.active
         e = self._entry(snapshot)
-        cached = self._layers.get(e.index)
+        cached = self._layers.get(e.position)
         if cached is None:
             what = f"L1 table of snapshot {e.id} ({e.name!r})"
             if e.l1_size > fmt.MAX_L1_SIZE // 8:
                 raise self._corrupt(what, f"{e.l1_size} entries exceed QEMU's limit")
             cached = self._load_layer(what, e.l1_table_offset, e.l1_size, e.disk_size)
-            self._layers[e.index] = cached
+            self._layers[e.position] = cached
         return cached
 
     def _load_layer(self, what: str, offset: int, size: int, disk_size: int) -> Layer:

@@ -42,3 +42,35 @@ def check_writable(path: Path) -> None:
             f"{path} is read-only (mode {stat.filemode(st.st_mode)}); refusing to modify it.",
             hint="make it writable with chmod u+w if you mean to change it",
         )
+
+
+# QEMU's file-posix driver locks bytes 100.. (permissions it holds) and 200.. (permissions it
+# refuses to share) with OFD locks while an image is open (block/file-posix.c, raw_apply_lock_bytes).
+_QEMU_LOCK_START = 100
+_QEMU_LOCK_LENGTH = 200
+
+
+def image_held(path: Path) -> bool:
+    """Whether some process (a running QEMU) holds QEMU's locks on PATH.
+
+    Asks the kernel with F_OFD_GETLK, which takes no lock and runs no program: a file nobody
+    locks cannot be open in a VM (unless that VM disabled locking with file.locking=off).
+    """
+    import fcntl
+    import struct
+
+    getlk = getattr(fcntl, "F_OFD_GETLK", None)
+    if getlk is None:  # not Linux: assume it may be held, routing then asks the monitor
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, _QEMU_LOCK_START, _QEMU_LOCK_LENGTH, 0)
+        reply = fcntl.fcntl(fd, getlk, request)
+        return int(struct.unpack("hhqqi4x", reply)[0]) != fcntl.F_UNLCK
+    except OSError:
+        return True
+    finally:
+        os.close(fd)

@@ -86,6 +86,10 @@ def _quiet_qmp_library() -> None:
 
 
 def _monitor_engine(image: Path, ctx: Context) -> Engine | None:
+    from qsnap.service.image import image_held
+
+    if not image_held(image):
+        return None  # no QEMU has this file open: qemu-img acts, whatever monitor exists
     address = monitor_address(image, ctx)
     if address is None:
         return None
@@ -93,22 +97,41 @@ def _monitor_engine(image: Path, ctx: Context) -> Engine | None:
     from qsnap.monitor import connect
 
     _quiet_qmp_library()
-
     try:
         monitor = connect(address, CONNECT_TIMEOUT)
-    except MonitorError:
-        # Nobody answers: the VM is not running (or not reachable); qemu-img decides, and
-        # a lock error then says which settings to fix.
-        return None
+    except MonitorError as exc:
+        if exc.message.startswith("Could not connect"):
+            # Nothing listens there: qemu-img decides, and its lock error then says which
+            # settings to fix (exit 8).
+            return None
+        # Something listens but does not act like a monitor while a VM holds the image:
+        # offline is impossible, so say what is wrong with the monitor (exit 12).
+        raise MonitorError(
+            f"{exc.message} A VM holds {image}, so qsnap needs this monitor.",
+            hint="QEMU serves one client per monitor socket: close any telnet or nc session on it",
+        ) from exc
     try:
         engine = MonitorEngine.for_image(monitor, image, virtual_size(image), path_map(ctx.env()))
     except BaseException:
         monitor.close()
         raise
-    if engine is None:
+    if engine is None or not _really_ours(image, engine.image.filename, engine.matched_by):
         monitor.close()
         return None
     return engine
+
+
+def _really_ours(image: Path, qemu_filename: str, matched_by: str) -> bool:
+    """A name+size match stands only when QEMU's path is not some other file on this host
+    (inside a container the path QEMU reports does not exist here, or is this very file)."""
+    if matched_by != "name+size":
+        return True
+    import os
+
+    try:
+        return os.path.samefile(qemu_filename, image)
+    except OSError:
+        return not os.path.exists(qemu_filename)
 
 
 def choose_engine(image: Path, ctx: Context, *, write: bool) -> Engine:
@@ -139,8 +162,14 @@ def read_snapshots(image: Path) -> tuple[tuple[Snapshot, ...], str]:
     try:
         with open_image(image) as reader:
             return reader.snapshots(), READER
-    except CorruptImage:
-        return qemu_img.list_snapshots(image), qemu_img.NAME
+    except CorruptImage as reader_error:
+        try:
+            snapshots = qemu_img.list_snapshots(image)
+        except CorruptImage:
+            raise reader_error from None
+        if any(not s.id for s in snapshots):
+            raise reader_error from None  # qemu-img read a truncated table as zeros
+        return snapshots, qemu_img.NAME
 
 
 def read_info(image: Path, ctx: Context) -> ImageInfo:
@@ -175,7 +204,9 @@ def restore(
         # safety snapshot, so a refusal leaves nothing behind.
         from qsnap.vm import NoController, controller_for
 
-        controller = controller_for(path, ctx.vm)
+        # The safety snapshot (with VM state) is taken first and the disk is about to be
+        # reverted, so a long wait for a clean guest shutdown gains nothing.
+        controller = controller_for(path, ctx.vm, stop_timeout=3.0)
         if isinstance(controller, NoController):
             raise MonitorError(
                 f"Snapshot {target.name!r} is disk-only (no VM state), so it cannot be loaded into "
@@ -183,8 +214,6 @@ def restore(
                 hint="pass --vm compose:SERVICE[@FILE] (or start the VM with 'qsnap vm start'), "
                 "or stop the VM and run the restore again",
             )
-    if not online:
-        svc._preflight_offline(path)
     safety_snapshot = svc.take_safety_snapshot(path, engine, before, target, ctx) if safety else None
     if safety_snapshot is not None:
         rec.details["safety_snapshot"] = safety_snapshot.name

@@ -242,6 +242,9 @@ def create(
             audit.recorded(path, "create", name) as rec, \
             open_engine(path, ctx, write=True) as engine:
         rec.engine = engine.name
+        online = engine.name != qemu_img.NAME
+        if not online:
+            _preflight_offline(path)
         before = engine.list_snapshots()
         existing = find_by_name(before, name)
         old: Snapshot | None = None
@@ -252,9 +255,6 @@ def create(
                     hint="choose another name, or use --replace to take a new one and drop the old",
                 )
             old = resolve_snapshot(before, name)  # refuses duplicates (exit 5)
-        online = engine.name != qemu_img.NAME
-        if not online:
-            _preflight_offline(path)
         holder: Snapshot | None = None
         if old is not None and online:
             # A monitor refuses (QMP) or silently overwrites (HMP) a duplicate name, so the
@@ -336,6 +336,8 @@ def restore(
             audit.recorded(path, "restore", name) as rec, \
             open_engine(path, ctx, write=True) as engine:
         rec.engine = engine.name
+        if engine.name == qemu_img.NAME:
+            _preflight_offline(path)  # first: a damaged table must not read as "not found"
         before = engine.list_snapshots()
         target = resolve_snapshot(before, name, snapshot_id)
         rec.snapshot = target.name
@@ -388,12 +390,12 @@ def delete(
             audit.recorded(path, "delete", name) as rec, \
             open_engine(path, ctx, write=True) as engine:
         rec.engine = engine.name
+        if engine.name == qemu_img.NAME:
+            _preflight_offline(path)  # first: a damaged table must not read as "not found"
         before = engine.list_snapshots()
         target = resolve_snapshot(before, name, snapshot_id)
         rec.snapshot = target.name
         rec.details["snapshot_id"] = target.id
-        if engine.name == qemu_img.NAME:
-            _preflight_offline(path)
         engine.delete(target)
         after = engine.list_snapshots()
         if any(s.id == target.id and s.name == target.name and s.date == target.date for s in after):
@@ -417,7 +419,13 @@ def resolve(image: str | os.PathLike[str], name: str | None, snapshot_id: str | 
         validate_lookup_name(name)
     path = check_image_file(Path(image).absolute())
     with open_engine(path, ctx, write=False) as engine:
-        return path, resolve_snapshot(engine.list_snapshots(), name, snapshot_id)
+        if engine.name == qemu_img.NAME:
+            from qsnap.service import routing
+
+            snapshots, _ = routing.read_snapshots(path)  # strict: a damaged table is exit 10
+        else:
+            snapshots = engine.list_snapshots()
+        return path, resolve_snapshot(snapshots, name, snapshot_id)
 
 
 __all__ = [

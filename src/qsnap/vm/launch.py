@@ -105,9 +105,7 @@ class Sockets:
     serial_log: Path
 
 
-def choose_accel(
-    kvm_device: Path = Path("/dev/kvm"), pvm_module: Path = Path("/sys/module/kvm_pvm")
-) -> str:
+def choose_accel(kvm_device: Path = Path("/dev/kvm"), pvm_module: Path = Path("/sys/module/kvm_pvm")) -> str:
     """``kvm:tcg`` when /dev/kvm is real hardware virtualization, else ``tcg``.
 
     Some machines expose a software "PVM" /dev/kvm (module kvm_pvm) on which stock kernels
@@ -259,5 +257,4 @@ def socket_paths(image: Path) -> Sockets:
     socket_dir = directory
     if len(os.fsencode(directory / "serial.sock")) > _UNIX_PATH_MAX:
         socket_dir = short_socket_dir(image)
-    return Sockets(qmp=socket_dir / "qmp.sock", serial=socket_dir / "serial.sock",
-                   serial_log=directory / "serial.log")
+    return Sockets(qmp=socket_dir / "qmp.sock", serial=socket_dir / "serial.sock", serial_log=directory / "serial.log")

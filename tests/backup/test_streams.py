@@ -1,0 +1,147 @@
+"""The fast paths of the backup streams: gzip members with a length field, parallel gunzip with a
+sequential fallback for other gzip files, block reads, read-ahead, compact .qcow2 output."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run, snap, write
+from qsnap.backup import export_snapshot, verify_backup
+from qsnap.backup.qcow2stream import Qcow2Reader
+from qsnap.backup.streams import (
+    GZ_HEAD_SIZE,
+    AsyncHash,
+    ChunkReader,
+    ParallelGzipWriter,
+    member_size,
+    parallel_gunzip,
+    prefetch,
+)
+
+
+def _payload() -> bytes:
+    text = b"".join(b"line %d of some text\n" % i for i in range(40000))
+    return os.urandom(300_000) + text + bytes(500_000)
+
+
+def _compress(data: bytes, block: int = 256 << 10) -> bytes:
+    out = io.BytesIO()
+    writer = ParallelGzipWriter(out, 6, threads=2, block=block)
+    for k in range(0, len(data), 70_001):  # odd write sizes: members do not align with writes
+        writer.write(data[k : k + 70_001])
+    writer.close()
+    return out.getvalue()
+
+
+def _members(blob: bytes) -> list[int]:
+    sizes, at = [], 0
+    while at < len(blob):
+        size = member_size(blob[at : at + GZ_HEAD_SIZE])
+        assert size is not None
+        sizes.append(size)
+        at += size
+    return sizes
+
+
+def test_every_member_records_its_length_and_gzip_reads_the_stream(tmp_path: Path) -> None:
+    data = _payload()
+    blob = _compress(data)
+    assert len(_members(blob)) > 3 and sum(_members(blob)) == len(blob)
+    assert gzip.decompress(blob) == data
+    path = tmp_path / "x.gz"
+    path.write_bytes(blob)
+    assert subprocess.run(["gunzip", "-c", str(path)], check=True, capture_output=True).stdout == data
+
+
+def test_parallel_gunzip_matches_and_falls_back_for_foreign_gzip() -> None:
+    data = _payload()
+    ours = _compress(data)
+    assert b"".join(parallel_gunzip(io.BytesIO(ours).read, threads=2)) == data
+    foreign = gzip.compress(data)  # no QS field: sequential path
+    assert member_size(foreign[:GZ_HEAD_SIZE]) is None
+    assert b"".join(parallel_gunzip(io.BytesIO(foreign).read)) == data
+    mixed = ours + foreign  # switches to the sequential path midway
+    assert b"".join(parallel_gunzip(io.BytesIO(mixed).read)) == data + data
+
+
+@pytest.mark.parametrize("where", ["length field", "body", "trailer", "cut"])
+def test_parallel_gunzip_rejects_damage(where: str) -> None:
+    blob = bytearray(_compress(_payload()))
+    first = _members(bytes(blob))[0]
+    if where == "length field":
+        blob[GZ_HEAD_SIZE - 4] ^= 0x01
+    elif where == "body":
+        blob[first // 2] ^= 0x10
+    elif where == "trailer":
+        blob[first - 6] ^= 0x01  # CRC32 of the first member
+    else:
+        del blob[-10:]
+    with pytest.raises(ValueError):
+        b"".join(parallel_gunzip(io.BytesIO(bytes(blob)).read, threads=2))
+
+
+def test_chunk_reader_and_async_hash() -> None:
+    reader = ChunkReader(iter([b"abc", b"", b"defgh", b"i"]))
+    assert [reader.read(2), reader.read(4), reader.read(10), reader.read(1)] == [b"ab", b"cdef", b"ghi", b""]
+    import hashlib
+
+    data = os.urandom(1 << 20)
+    with AsyncHash() as digest:
+        for k in range(0, len(data), 100_000):
+            digest.update(data[k : k + 100_000])
+        assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_prefetch_passes_items_errors_and_stops_early() -> None:
+    assert list(prefetch(iter(range(50)))) == list(range(50))
+
+    def failing():  # type: ignore[no-untyped-def]
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetch(failing()))
+    produced: list[int] = []
+
+    def counting():  # type: ignore[no-untyped-def]
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    gen = prefetch(counting(), depth=2)
+    assert next(gen) == 0
+    gen.close()  # stops the thread instead of reading everything
+    assert len(produced) < 100
+
+
+def test_block_reads_equal_cluster_reads_on_a_fragmented_image(tmp_path: Path) -> None:
+    """Guest order != host order (written backwards): blocks must still hold guest order."""
+    path = tmp_path / "frag.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M")
+    for k in reversed(range(0, 12)):
+        write(path, 0x40 + k, f"{k}M", "512k")
+    with Qcow2Reader(path) as reader:
+        indices = list(reader.mapping.data_indices())
+        expected = b"".join(data for _, data in reader.iter_clusters(indices))
+        for block in (64 << 10, 300 << 10, 4 << 20):
+            blocks = list(reader.iter_blocks(indices, block))
+            assert sum(n for n, _ in blocks) == len(indices)
+            assert b"".join(data for _, data in blocks) == expected
+
+
+def test_plain_qcow2_backup_is_compact_and_equals_the_snapshot(image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b.qcow2"
+    result = export_snapshot(image, snap(image, "later"), out)
+    assert result.method == "stream" and result.manifest["payload"]["layout"] == "qsnap-stream-v1"
+    assert result.sha256 == result.payload_sha256
+    flat = tmp_path / "flat.qcow2"
+    run("qemu-img", "convert", "-l", f"snapshot.id={snap(image, 'later').id}", "-O", "qcow2", str(image), str(flat))
+    assert subprocess.run(["qemu-img", "compare", "-q", str(flat), str(out)]).returncode == 0
+    report = verify_backup(out)
+    assert report.ok
