@@ -68,4 +68,6 @@ ensure_venv() {
         rm -f "$VENV"/.qsnap-installed-*
         touch "$stamp"
     fi
+    # Byte-compile qsnap so `qsnap list` starts fast even where PYTHONDONTWRITEBYTECODE is set.
+    "$VENV/bin/python" -m compileall -q "$QSNAP_ROOT/src" >/dev/null 2>&1 || true
 }

@@ -231,7 +231,7 @@ class ZstdWriter:
     def __init__(self, target: Writable, level: int = 3, threads: int = -1) -> None:
         import zstandard
 
-        cctx = zstandard.ZstdCompressor(level=level, threads=threads)
+        cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)  # like the zstd CLI
         self.writer: Any = cctx.stream_writer(
             target, closefd=False, write_size=1 << 20  # type: ignore[arg-type]
         )
@@ -321,11 +321,18 @@ def gunzip_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
         while data:
             started = True
             try:
-                out = decomp.decompress(data)
+                out = decomp.decompress(data, READ_CHUNK)  # bounded: zeros inflate ~1000x
+                if out:
+                    yield out
+                while len(out) == READ_CHUNK and not decomp.eof and not decomp.unconsumed_tail:
+                    out = decomp.decompress(b"", READ_CHUNK)
+                    if out:
+                        yield out
             except lib.error as exc:
                 raise ValueError(f"gzip data is damaged: {exc}") from exc
-            if out:
-                yield out
+            if decomp.unconsumed_tail:
+                data = decomp.unconsumed_tail
+                continue
             if decomp.eof:
                 data = decomp.unused_data
                 decomp = lib.decompressobj(31)
@@ -402,28 +409,85 @@ def _chain_reads(first: bytes, read: Callable[[int], bytes]) -> Iterator[bytes]:
         yield block
 
 
-def unzstd_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Decompress a zstandard stream (any number of frames); raise ValueError if damaged/cut."""
+class ZstdFrameWalker:
+    """Follow zstd frame and block headers (RFC 8878 sections 3.1.1-3.1.1.2) as bytes go by,
+    to tell a complete stream from a cut one; decompression itself is zstandard's."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.state = "frame"  # frame | skip | block | checksum
+        self.need = 0  # bytes to skip before the next header
+        self.checksum = False
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            if self.need:
+                take = min(self.need, len(self.buf))
+                del self.buf[:take]
+                self.need -= take
+                if self.need:
+                    return
+            if self.state == "frame":
+                if len(self.buf) < 6:
+                    return
+                magic = int.from_bytes(self.buf[:4], "little")
+                if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
+                    if len(self.buf) < 8:
+                        return
+                    self.need = 8 + int.from_bytes(self.buf[4:8], "little")
+                    continue
+                if magic != 0xFD2FB528:
+                    raise ValueError("zstd data is damaged: bad frame magic")
+                fhd = self.buf[4]
+                single = (fhd >> 5) & 1
+                fcs = (0 if not single else 1, 2, 4, 8)[fhd >> 6]
+                self.need = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+                self.checksum = bool(fhd & 4)
+                self.state = "block"
+            elif self.state == "block":
+                if len(self.buf) < 3:
+                    return
+                header = int.from_bytes(self.buf[:3], "little")
+                kind, size = (header >> 1) & 3, header >> 3
+                if kind == 3:
+                    raise ValueError("zstd data is damaged: reserved block type")
+                self.need = 3 + (1 if kind == 1 else size)
+                if header & 1:
+                    self.state = "checksum" if self.checksum else "frame"
+            else:  # checksum
+                self.need = 4
+                self.state = "frame"
+
+    def finish(self) -> None:
+        if self.need or self.buf or self.state != "frame":
+            raise ValueError("zstd stream is truncated")
+
+
+def unzstd_chunks(chunks: Iterable[bytes], out_size: int = READ_CHUNK) -> Iterator[bytes]:
+    """Decompress a zstandard stream (any number of frames) in pieces of at most OUT_SIZE
+    bytes (a few KiB of zeros can hold GiBs); raise ValueError if damaged/cut."""
     import zstandard
 
-    dctx = zstandard.ZstdDecompressor()
-    decomp = dctx.decompressobj(write_size=4 << 20)
-    pending = False
-    for chunk in chunks:
-        data = chunk
-        while data:
+    walker = ZstdFrameWalker()
+    source = iter(chunks)
+
+    class _Source:
+        def read(self, n: int = -1) -> bytes:
+            chunk = next(source, b"")
+            walker.feed(chunk)
+            return chunk
+
+    reader = zstandard.ZstdDecompressor().stream_reader(_Source(), read_size=READ_CHUNK, read_across_frames=True)
+    try:
+        while True:
             try:
-                out = decomp.decompress(data)
+                out = reader.read(out_size)
             except zstandard.ZstdError as exc:
                 raise ValueError(f"zstd data is damaged: {exc}") from exc
-            pending = True
-            if out:
-                yield out
-            if decomp.eof:
-                data = decomp.unused_data
-                decomp = dctx.decompressobj(write_size=4 << 20)
-                pending = False
-            else:
-                data = b""
-    if pending:
-        raise ValueError("zstd stream is truncated")
+            if not out:
+                break
+            yield out
+    finally:
+        reader.close()
+    walker.finish()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -47,4 +46,30 @@ def table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> list[str]:
 
 
 def write_json(stream: TextIO, payload: Any) -> None:
+    import json
+
     stream.write(json.dumps(payload, indent=2) + "\n")
+
+
+LIST_HEADERS = ("ID", "NAME", "DATE", "VM STATE", "VM CLOCK", "DESCRIPTION")
+
+
+def list_lines(image: str, entries: Sequence[tuple[Snapshot, str | None]]) -> list[str]:
+    """`qsnap list` as text: one row per snapshot, oldest first (shared by the fast path)."""
+    if not entries:
+        return [f"No snapshots in {image}."]
+    rows = [
+        [snap.id, snap.name, local_date(snap), human_size(snap.vm_state_size), vm_clock(snap.vm_clock_ns),
+         description or ""]
+        for snap, description in entries
+    ]
+    return table(rows, LIST_HEADERS)
+
+
+def list_json(image: str, engine: str, entries: Sequence[tuple[Snapshot, str | None]]) -> dict[str, Any]:
+    """`qsnap list --json` (shared by the fast path)."""
+    return {
+        "image": image,
+        "engine": engine,
+        "snapshots": [{**snap.to_json(), "description": description} for snap, description in entries],
+    }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,15 @@ def key_of(snapshot: Snapshot) -> str:
     return f"{snapshot.id}|{snapshot.name}|{int(snapshot.date.timestamp())}"
 
 
-@dataclass
 class Sidecar:
-    path: Path
-    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
-    current: str | None = None
+    """The sidecar's content (a plain class, not a dataclass: `qsnap list` loads it at start-up)."""
+
+    def __init__(
+        self, path: Path, entries: dict[str, dict[str, Any]] | None = None, current: str | None = None
+    ) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = entries if entries is not None else {}
+        self.current = current
 
     @classmethod
     def load(cls, image: Path) -> Sidecar:

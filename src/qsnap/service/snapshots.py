@@ -83,11 +83,12 @@ class CreateResult:
     snapshot: Snapshot
     replaced: Snapshot | None = None
     warnings: tuple[str, ...] = ()
+    synced: str | None = None  # how the guest was synced first (--sync), if it was
 
     def to_json(self) -> dict[str, Any]:
         return {"image": str(self.image), "engine": self.engine, "snapshot": self.snapshot.to_json(),
                 "replaced": self.replaced.to_json() if self.replaced else None,
-                "warnings": list(self.warnings)}
+                "synced": self.synced, "warnings": list(self.warnings)}
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ def create(
     replace: bool = False,
     ctx: Context = DEFAULT_CONTEXT,
     extra: Mapping[str, Any] | None = None,
+    sync: bool = False,
 ) -> CreateResult:
     """Take snapshot NAME of the image's current state.
 
@@ -255,6 +257,12 @@ def create(
                     hint="choose another name, or use --replace to take a new one and drop the old",
                 )
             old = resolve_snapshot(before, name)  # refuses duplicates (exit 5)
+        synced: str | None = None
+        if sync:
+            from qsnap.service.guest import sync_guest
+
+            synced = sync_guest(path, ctx.env())
+            rec.details["synced"] = synced
         holder: Snapshot | None = None
         if old is not None and online:
             # A monitor refuses (QMP) or silently overwrites (HMP) a duplicate name, so the
@@ -290,13 +298,14 @@ def create(
             created_by=_creator(ctx),
             created_at=_now_iso(),
             engine=engine.name,
+            synced=True if synced else None,
             **(dict(extra) if extra else {}),
         )
         sidecar.current = key_of(snapshot)
         final = engine.list_snapshots() if old is not None else after
         _save_sidecar(sidecar, final, warnings)
         rec.details["snapshot_id"] = snapshot.id
-        return CreateResult(path, engine.name, snapshot, old, tuple(warnings))
+        return CreateResult(path, engine.name, snapshot, old, tuple(warnings), synced)
 
 
 def _save_sidecar(sidecar: Sidecar, snapshots: tuple[Snapshot, ...], warnings: list[str]) -> None:

@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="a description, kept in the sidecar <image>.qsnap.json")
     p.add_argument("--replace", action="store_true",
                    help="replace an existing snapshot of that name (the new one is taken first)")
+    p.add_argument("--sync", action="store_true",
+                   help="run 'sync' in the guest first (serial console of a 'qsnap vm start' VM, or "
+                   "QSNAP_SSH=USER@HOST[:PORT])")
     p.set_defaults(handler=cmd_create)
 
     p = sub.add_parser("restore", help="revert to a snapshot (a safety snapshot is taken first)")
@@ -69,22 +72,13 @@ def _need_target(inv: Invocation) -> None:
 
 
 def render_list(inv: Invocation, result: ListResult) -> None:
-    from qsnap.cli.render import human_size, local_date, table, vm_clock
+    from qsnap.cli.render import list_json, list_lines
 
+    entries = [(e.snapshot, e.description) for e in result.entries]
     if inv.json:
-        inv.emit_json(result.to_json())
+        inv.emit_json(list_json(str(result.image), result.engine, entries))
         return
-    if not result.entries:
-        inv.out(f"No snapshots in {result.image}.")
-        return
-    rows = []
-    for entry in result.entries:
-        snap = entry.snapshot
-        rows.append([
-            snap.id, snap.name, local_date(snap),
-            human_size(snap.vm_state_size), vm_clock(snap.vm_clock_ns), entry.description or "",
-        ])
-    for line in table(rows, ["ID", "NAME", "DATE", "VM STATE", "VM CLOCK", "DESCRIPTION"]):
+    for line in list_lines(str(result.image), entries):
         inv.out(line)
 
 
@@ -114,7 +108,7 @@ def cmd_create(inv: Invocation) -> int:
         inv.args.name = expand_placeholders(inv.args.name, datetime.now())
     validate_name(inv.args.name)  # before anything else, even finding the image
     result = service.create(inv.image(), inv.args.name, description=inv.args.description,
-                            replace=inv.args.replace, ctx=inv.context())
+                            replace=inv.args.replace, ctx=inv.context(), sync=inv.args.sync)
     for warning in result.warnings:
         inv.note(f"warning: {warning}")
     if inv.json:
@@ -122,7 +116,8 @@ def cmd_create(inv: Invocation) -> int:
         return 0
     snap = result.snapshot
     replaced = f", replacing ID {result.replaced.id}" if result.replaced else ""
-    inv.out(f"Snapshot {snap.name!r} created (ID {snap.id}{replaced}) via {result.engine}.")
+    synced = f", guest synced over the {result.synced}" if result.synced else ""
+    inv.out(f"Snapshot {snap.name!r} created (ID {snap.id}{replaced}) via {result.engine}{synced}.")
     return 0
 
 
