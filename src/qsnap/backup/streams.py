@@ -478,7 +478,9 @@ def unzstd_chunks(chunks: Iterable[bytes], out_size: int = READ_CHUNK) -> Iterat
             walker.feed(chunk)
             return chunk
 
-    reader = zstandard.ZstdDecompressor().stream_reader(_Source(), read_size=READ_CHUNK, read_across_frames=True)
+    reader: Any = zstandard.ZstdDecompressor().stream_reader(
+        _Source(), read_size=READ_CHUNK, read_across_frames=True  # type: ignore[arg-type]
+    )
     try:
         while True:
             try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,12 +14,16 @@ if TYPE_CHECKING:
     from qsnap.service.snapshots import Context
 
 
-@dataclass
 class Invocation:
-    args: argparse.Namespace
-    env: Environment
-    prog: str = "qsnap"
-    argv: list[str] = field(default_factory=list)
+    """One command run: parsed arguments, its environment, and helpers for handlers."""
+
+    def __init__(
+        self, args: argparse.Namespace, env: Environment, prog: str = "qsnap", argv: list[str] | None = None
+    ) -> None:
+        self.args = args
+        self.env = env
+        self.prog = prog
+        self.argv: list[str] = list(argv) if argv is not None else []
 
     @property
     def json(self) -> bool:
