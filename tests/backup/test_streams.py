@@ -145,3 +145,30 @@ def test_plain_qcow2_backup_is_compact_and_equals_the_snapshot(image: Path, tmp_
     assert subprocess.run(["qemu-img", "compare", "-q", str(flat), str(out)]).returncode == 0
     report = verify_backup(out)
     assert report.ok
+
+
+@pytest.mark.parametrize("kind", ["zstd", "gzip"])
+def test_decompression_output_is_bounded_and_cuts_are_caught(kind: str) -> None:
+    """64 MiB of zeros compress to a few KiB: output comes in <= 4 MiB pieces; a cut stream fails."""
+    import zstandard
+
+    from qsnap.backup.streams import gunzip_chunks, unzstd_chunks
+
+    data = os.urandom(1 << 20) + bytes(64 << 20) + b"end"
+    if kind == "zstd":
+        blob = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data) + \
+            zstandard.ZstdCompressor().compress(b"+frame")
+        decompress = unzstd_chunks
+    else:
+        blob = gzip.compress(data) + gzip.compress(b"+frame")
+        decompress = gunzip_chunks
+
+    def chunks(b: bytes):  # type: ignore[no-untyped-def]
+        for k in range(0, len(b), 100_000):
+            yield b[k : k + 100_000]
+
+    pieces = list(decompress(chunks(blob)))
+    assert max(map(len, pieces)) <= 4 << 20 and b"".join(pieces) == data + b"+frame"
+    for cut in (len(blob) - 1, len(blob) // 2):
+        with pytest.raises(ValueError, match="truncated"):
+            list(decompress(chunks(blob[:cut])))
