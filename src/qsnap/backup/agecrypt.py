@@ -3,13 +3,14 @@
 pyrage streams only to X25519 recipients; its passphrase mode holds the whole file in memory.
 The age payload (a 16-byte nonce + ChaCha20-Poly1305 STREAM) depends only on the file key,
 not on the header, so qsnap lets pyrage encrypt the stream to a throw-away X25519 identity,
-opens that one stanza itself (X25519 + HKDF + ChaCha20-Poly1305 of 16 bytes, pure Python
-below) and writes a standard ``scrypt`` stanza for the passphrase instead, with the header
-MAC recomputed. Decryption does the reverse. The result is an ordinary age file:
+opens that one stanza itself (X25519 + HKDF + ChaCha20-Poly1305 of 16 bytes, all from the
+``cryptography`` package, imported lazily so ``qsnap list`` does not load it) and writes a
+standard ``scrypt`` stanza for the passphrase instead, with the header MAC recomputed.
+Decryption does the reverse. The result is an ordinary age file:
 ``age -d backup.qcow2.zst.age | zstd -d > disk.qcow2`` or ``rage -d`` open it.
 
 Spec references: age v1 (header, stanzas, HKDF labels), RFC 7748 (X25519),
-RFC 8439 (ChaCha20-Poly1305), RFC 7914 (scrypt, via hashlib).
+RFC 8439 (ChaCha20-Poly1305), RFC 5869 (HKDF), RFC 7914 (scrypt, via hashlib).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import contextlib
 import hashlib
 import hmac
 import os
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -49,120 +49,47 @@ def _unb64(text: bytes) -> bytes:
 
 
 def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
-    prk = hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
-    out, block, counter = b"", b"", 1
-    while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
-        out += block
-        counter += 1
-    return out[:length]
+    """HKDF-SHA-256 (RFC 5869); an empty SALT means the all-zero salt, as in age."""
+    from cryptography.hazmat.primitives.hashes import SHA256
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=SHA256(), length=length, salt=salt or None, info=info).derive(ikm)
 
 
-_P = 2**255 - 19
-_A24 = 121665
+def _x25519_public(secret: bytes) -> bytes:
+    """The X25519 public key (u-coordinate) of the 32-byte scalar SECRET (RFC 7748)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    return X25519PrivateKey.from_private_bytes(secret).public_key().public_bytes_raw()
 
 
-def x25519(scalar: bytes, u: bytes) -> bytes:
-    """RFC 7748 section 5."""
-    k = bytearray(scalar)
-    k[0] &= 248
-    k[31] &= 127
-    k[31] |= 64
-    kn = int.from_bytes(k, "little")
-    x1 = int.from_bytes(u, "little") & ((1 << 255) - 1)
-    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
-    for t in reversed(range(255)):
-        bit = (kn >> t) & 1
-        swap ^= bit
-        if swap:
-            x2, x3, z2, z3 = x3, x2, z3, z2
-        swap = bit
-        a, b = (x2 + z2) % _P, (x2 - z2) % _P
-        aa, bb = a * a % _P, b * b % _P
-        e = (aa - bb) % _P
-        c, d = (x3 + z3) % _P, (x3 - z3) % _P
-        da, cb = d * a % _P, c * b % _P
-        x3 = (da + cb) ** 2 % _P
-        z3 = x1 * (da - cb) ** 2 % _P
-        x2 = aa * bb % _P
-        z2 = e * (aa + _A24 * e) % _P
-    if swap:
-        x2, z2 = x3, z3
-    return (x2 * pow(z2, _P - 2, _P) % _P).to_bytes(32, "little")
+def _x25519_shared(secret: bytes, peer: bytes) -> bytes:
+    """X25519(SECRET, PEER); AgeError for a malformed or low-order PEER (all-zero result)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-
-_BASE = (9).to_bytes(32, "little")
-
-
-def _rotl(v: int, c: int) -> int:
-    return ((v << c) & 0xFFFFFFFF) | (v >> (32 - c))
-
-
-def _chacha20_block(key: bytes, counter: int, nonce: bytes) -> bytes:
-    const = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)
-    state = [*const, *struct.unpack("<8I", key), counter, *struct.unpack("<3I", nonce)]
-    x = list(state)
-
-    def qr(a: int, b: int, c: int, d: int) -> None:
-        x[a] = (x[a] + x[b]) & 0xFFFFFFFF
-        x[d] = _rotl(x[d] ^ x[a], 16)
-        x[c] = (x[c] + x[d]) & 0xFFFFFFFF
-        x[b] = _rotl(x[b] ^ x[c], 12)
-        x[a] = (x[a] + x[b]) & 0xFFFFFFFF
-        x[d] = _rotl(x[d] ^ x[a], 8)
-        x[c] = (x[c] + x[d]) & 0xFFFFFFFF
-        x[b] = _rotl(x[b] ^ x[c], 7)
-
-    for _ in range(10):
-        qr(0, 4, 8, 12)
-        qr(1, 5, 9, 13)
-        qr(2, 6, 10, 14)
-        qr(3, 7, 11, 15)
-        qr(0, 5, 10, 15)
-        qr(1, 6, 11, 12)
-        qr(2, 7, 8, 13)
-        qr(3, 4, 9, 14)
-    return struct.pack("<16I", *((x[i] + state[i]) & 0xFFFFFFFF for i in range(16)))
-
-
-def _chacha20(key: bytes, counter: int, nonce: bytes, data: bytes) -> bytes:
-    out = bytearray()
-    for i in range(0, len(data), 64):
-        block = _chacha20_block(key, counter + i // 64, nonce)
-        out += bytes(a ^ b for a, b in zip(data[i : i + 64], block, strict=False))
-    return bytes(out)
-
-
-def _poly1305(key: bytes, msg: bytes) -> bytes:
-    r = int.from_bytes(key[:16], "little") & 0x0FFFFFFC0FFFFFFC0FFFFFFC0FFFFFFF
-    s = int.from_bytes(key[16:], "little")
-    p = (1 << 130) - 5
-    acc = 0
-    for i in range(0, len(msg), 16):
-        n = int.from_bytes(msg[i : i + 16] + b"\x01", "little")
-        acc = (acc + n) * r % p
-    return ((acc + s) & ((1 << 128) - 1)).to_bytes(16, "little")
-
-
-def _aead_mac(key: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
-    otk = _chacha20_block(key, 0, nonce)[:32]
-    pad = bytes(-len(ciphertext) % 16)
-    return _poly1305(otk, ciphertext + pad + struct.pack("<QQ", 0, len(ciphertext)))
+    try:
+        return X25519PrivateKey.from_private_bytes(secret).exchange(X25519PublicKey.from_public_bytes(peer))
+    except ValueError as exc:
+        raise AgeError(f"invalid X25519 share in age header ({exc})") from exc
 
 
 def seal(key: bytes, plaintext: bytes) -> bytes:
     """ChaCha20-Poly1305 with a zero nonce and no associated data (age's wrapping)."""
-    nonce = bytes(12)
-    ct = _chacha20(key, 1, nonce, plaintext)
-    return ct + _aead_mac(key, nonce, ct)
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    return ChaCha20Poly1305(key).encrypt(bytes(12), plaintext, None)
 
 
 def open_sealed(key: bytes, sealed: bytes) -> bytes:
-    nonce = bytes(12)
-    ct, tag = sealed[:-16], sealed[-16:]
-    if not hmac.compare_digest(_aead_mac(key, nonce, ct), tag):
-        raise AgeError("wrong passphrase or damaged age header")
-    return _chacha20(key, 1, nonce, ct)
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    if len(sealed) != 32:  # a 16-byte file key + 16-byte tag, in both stanza types
+        raise AgeError("malformed age stanza body")
+    try:
+        return ChaCha20Poly1305(key).decrypt(bytes(12), sealed, None)
+    except InvalidTag:
+        raise AgeError("wrong passphrase or damaged age header") from None
 
 
 # --------------------------------------------------------------------- header handling
@@ -220,8 +147,8 @@ def x25519_to_scrypt(header: bytes, secret: bytes, passphrase: str, log_n: int =
     if len(stanzas) != 1:
         raise AgeError("expected one X25519 stanza from pyrage")
     share = _unb64(stanzas[0][0][1])
-    recipient = x25519(secret, _BASE)
-    wrap_key = hkdf(x25519(secret, share), share + recipient, X25519_LABEL)
+    recipient = _x25519_public(secret)
+    wrap_key = hkdf(_x25519_shared(secret, share), share + recipient, X25519_LABEL)
     file_key = open_sealed(wrap_key, stanzas[0][1])
     salt = os.urandom(16)
     body = seal(_scrypt_key(passphrase, salt, log_n), file_key)
@@ -233,7 +160,12 @@ def scrypt_to_x25519(header: bytes, passphrase: str, recipient: bytes) -> bytes:
     if len(stanzas) != 1 or stanzas[0][0][0] != b"scrypt" or len(stanzas[0][0]) != 3:
         raise AgeError("this age file is not passphrase-encrypted (no single scrypt stanza)")
     salt = _unb64(stanzas[0][0][1])
-    log_n = int(stanzas[0][0][2])
+    if len(salt) != 16:
+        raise AgeError("malformed scrypt stanza (salt is not 16 bytes)")
+    log_n_text = stanzas[0][0][2]
+    if not log_n_text.isdigit() or log_n_text.startswith(b"0"):
+        raise AgeError("malformed scrypt stanza (bad work factor)")
+    log_n = int(log_n_text)
     if not 1 <= log_n <= MAX_SCRYPT_LOG_N:
         raise AgeError(f"scrypt work factor {log_n} is out of range")
     file_key = open_sealed(_scrypt_key(passphrase, salt, log_n), stanzas[0][1])
@@ -241,8 +173,8 @@ def scrypt_to_x25519(header: bytes, passphrase: str, recipient: bytes) -> bytes:
     if not hmac.compare_digest(expected, mac):
         raise AgeError("age header MAC does not match (damaged header)")
     eph = os.urandom(32)
-    share = x25519(eph, _BASE)
-    wrap_key = hkdf(x25519(eph, recipient), share + recipient, X25519_LABEL)
+    share = _x25519_public(eph)
+    wrap_key = hkdf(_x25519_shared(eph, recipient), share + recipient, X25519_LABEL)
     return _finish_header(_stanza([b"X25519", _b64(share)], seal(wrap_key, file_key)), file_key)
 
 
@@ -378,7 +310,7 @@ def decrypt_stream(source: Any, sink: Callable[[bytes], object], passphrase: str
     import pyrage
 
     identity = pyrage.x25519.Identity.generate()
-    reader = _PrefixReader(source, passphrase, x25519(_identity_secret(identity), _BASE))
+    reader = _PrefixReader(source, passphrase, _x25519_public(_identity_secret(identity)))
 
     failure: list[BaseException] = []
 
