@@ -199,8 +199,20 @@ def cmd_import(inv: Invocation) -> int:
     from qsnap.backup import import_backup
 
     path = Path(inv.args.backup)
-    image = inv.image()
-    if not inv.confirm(f"Replace {image} with the content of {path}? (the old image is kept as .bak-*)"):
+    explicit = getattr(inv.args, "image", None) or inv.env.environ.get("QCOW2_IMAGE")
+    if explicit and not (inv.env.cwd / explicit).exists():
+        # Importing into a path that does not exist yet (a lost image) is allowed when the
+        # path is named exactly (-i or QCOW2_IMAGE); globs must still match an existing file.
+        image = (inv.env.cwd / explicit).absolute()
+        if not image.parent.is_dir():
+            from qsnap.core.errors import ImageError
+
+            raise ImageError(f"Cannot import into {image}: its directory does not exist.")
+    else:
+        image = inv.image()
+    if image.exists() and not inv.confirm(
+        f"Replace {image} with the content of {path}? (the old image is kept as .bak-*)"
+    ):
         inv.note("Nothing changed.")
         return 1
     secret = passphrase(inv, needed=_is_encrypted_backup(path))
