@@ -6,7 +6,6 @@ guide's default glob ``./debian-hurd-amd64-*.qcow2``, then ``./debian-hurd-amd64
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,8 @@ def _expand(pattern: str, cwd: Path) -> list[Path]:
     expanded = os.path.expanduser(pattern)
     base = expanded if os.path.isabs(expanded) else str(cwd / expanded)
     if _GLOB_CHARS & set(pattern):
+        import glob
+
         return sorted(Path(p) for p in glob.glob(base))
     return [Path(base)] if os.path.lexists(base) else []
 

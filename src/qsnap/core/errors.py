@@ -29,7 +29,6 @@ done" (everything else): the first is a bug report, the second a sentence to act
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 
 
@@ -154,6 +153,8 @@ class ProcessError(QsnapError):
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
+        import shlex
+
         said = first_line(stderr) or first_line(stdout) or "no output"
         super().__init__(
             message or f"{shlex.join(self.argv)} failed with exit code {returncode}: {said}",
