@@ -29,12 +29,13 @@ def main() -> None:
         stride = a.virtual_gib * 1024 // a.alloc_mib
         cmds = [f"write -P 0x5a {i * stride}M 1M" for i in range(a.alloc_mib)]
         for k in range(0, len(cmds), 256):
-            argv = ["qemu-io", "-f", "qcow2", *functools.reduce(operator.iadd, (["-c", c] for c in cmds[k:k + 256]), []), str(img)]
+            flags = functools.reduce(operator.iadd, (["-c", c] for c in cmds[k:k + 256]), [])
+            argv = ["qemu-io", "-f", "qcow2", *flags, str(img)]
             subprocess.run(argv, check=True, capture_output=True)
         subprocess.run(["qemu-img", "snapshot", "-c", "a", str(img)], check=True)
         changes = [f"write -P 0x77 {(i * 977) % (a.virtual_gib * 1024)}M 1M" for i in range(a.changed_mib)]
-        subprocess.run(["qemu-io", "-f", "qcow2", *functools.reduce(operator.iadd, (["-c", c] for c in changes), []), str(img)], check=True,
-                       capture_output=True)
+        flags = functools.reduce(operator.iadd, (["-c", c] for c in changes), [])
+        subprocess.run(["qemu-io", "-f", "qcow2", *flags, str(img)], check=True, capture_output=True)
         subprocess.run(["qemu-img", "snapshot", "-c", "b", str(img)], check=True)
         snap_a, snap_b = open_image(img).snapshots()
         t = time.perf_counter()
@@ -49,7 +50,8 @@ def main() -> None:
         theirs = time.perf_counter() - t
         print(f"{a.virtual_gib} GiB virtual, {a.alloc_mib} MiB allocated, {a.changed_mib} MiB changed: "
               f"{report.summary}")
-        print(f"qsnap diff {ours:.3f} s | export both + qemu-img compare {theirs:.2f} s | speed-up {theirs / ours:.0f}x")
+        print(f"qsnap diff {ours:.3f} s | export both + qemu-img compare {theirs:.2f} s"
+              f" | speed-up {theirs / ours:.0f}x")
 
 
 if __name__ == "__main__":

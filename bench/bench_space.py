@@ -31,7 +31,8 @@ def main() -> None:
         stride = a.virtual_gib * 1024 // a.alloc_mib
         cmds = [f"write -P 0x5a {i * stride}M 1M" for i in range(a.alloc_mib)]
         for k in range(0, len(cmds), 256):
-            argv = ["qemu-io", "-f", "qcow2", *functools.reduce(operator.iadd, (["-c", c] for c in cmds[k:k + 256]), []), str(img)]
+            flags = functools.reduce(operator.iadd, (["-c", c] for c in cmds[k:k + 256]), [])
+            argv = ["qemu-io", "-f", "qcow2", *flags, str(img)]
             subprocess.run(argv, check=True, capture_output=True)
         for s in range(a.snapshots):
             subprocess.run(["qemu-img", "snapshot", "-c", f"s{s}", str(img)], check=True)

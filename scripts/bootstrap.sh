@@ -32,6 +32,16 @@ apt_install() {
     fi
 }
 
+# ensure_apt_index: the end-to-end tests `apt-get download` a Debian kernel and busybox, which
+# needs the package index (a fresh container often has none).
+ensure_apt_index() {
+    apt-cache show linux-image-amd64 >/dev/null 2>&1 && return 0
+    local sudo=()
+    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo=(sudo)
+    log "apt-get update (the test guest is built from Debian packages)"
+    "${sudo[@]}" apt-get update -q >/dev/null || true
+}
+
 find_python() {
     local candidate
     for candidate in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
