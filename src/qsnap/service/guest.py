@@ -16,6 +16,7 @@ from qsnap.core import proc
 from qsnap.core.errors import MonitorError, ProcessError, UsageError
 
 SYNC_TIMEOUT = 60.0
+PROBE_TIMEOUT = 5.0
 
 
 def ssh_argv(target: str, command: str) -> list[str]:
@@ -38,6 +39,17 @@ def sync_guest(image: Path, environ: Mapping[str, str]) -> str:
     running = find_running(image)
     if running is not None:
         with running.open_console(connect_timeout=10.0) as console:
+            # QEMU serves one client per serial socket: with someone else on it our bytes just
+            # queue. Probe with a harmless command first, so 'sync' is never left queued.
+            try:
+                console.run("true", timeout=PROBE_TIMEOUT)
+            except MonitorError as exc:
+                raise MonitorError(
+                    f"The guest's serial console did not answer within {PROBE_TIMEOUT:g} s, so the "
+                    "guest was not synced and no snapshot was taken.",
+                    hint="QEMU serves one client per serial console: close any telnet session on it, "
+                    "or use QSNAP_SSH=USER@HOST[:PORT]",
+                ) from exc
             result = console.run("sync", timeout=SYNC_TIMEOUT)
         if result.status != 0:
             raise MonitorError(f"'sync' failed in the guest (exit {result.status}): {result.output.strip()}")
