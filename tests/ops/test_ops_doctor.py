@@ -44,7 +44,7 @@ def test_healthy_image_passes_and_doctor_changes_nothing(image: Path) -> None:
     assert {name: c["status"] for name, c in checks.items()} == {
         "qemu-img": OK, "image": OK, "access": OK, "permissions": OK, "qemu-img check": OK,
         "free space": OK, "vm": OK, "monitor": OK, "monitor exposure": OK, "snapshots": OK, "size": OK,
-        "partial files": OK, "jobs": "skip"}
+        "accounting": OK, "partial files": OK, "jobs": "skip"}
     assert checks["qemu-img"]["found"].startswith("qemu-img 7.")  # type: ignore[union-attr]
     assert "not running" in checks["vm"]["found"]  # type: ignore[operator]
     unchanged()
@@ -271,3 +271,34 @@ def test_doctor_healthy_image_text(image: Path) -> None:
     r = run_cli(["-i", str(image), "doctor"], clean_environ())
     assert r.code == 0
     assert "0 failed, 0 warnings" in r.out
+
+
+def _leak_one_cluster(path: Path) -> None:
+    """Append a cluster to the file and give it refcount 1 with nothing pointing at it: the
+    'leaked cluster' qemu-img check reports (exit 3)."""
+    with open(path, "r+b") as f:
+        header = f.read(104)
+        cluster_bits = struct.unpack(">I", header[20:24])[0]
+        refcount_table = struct.unpack(">Q", header[48:56])[0]
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        cluster = 1 << cluster_bits
+        index = (end + cluster - 1) // cluster
+        f.truncate(index * cluster + cluster)
+        f.seek(refcount_table)
+        block = struct.unpack(">Q", f.read(8))[0]
+        f.seek(block + 2 * index)
+        f.write(struct.pack(">H", 1))
+
+
+def test_reader_accounting_finds_leaked_clusters(image: Path) -> None:
+    code, checks = doctor_json(image)
+    assert checks["accounting"]["status"] == OK
+    _leak_one_cluster(image)
+    checked = subprocess.run(["qemu-img", "check", "--output=json", str(image)], capture_output=True, text=True)
+    assert json.loads(checked.stdout)["leaks"] == 1  # the oracle agrees there is one leak
+    code, checks = doctor_json(image)
+    assert code == 0  # leaks waste space, they lose nothing: a warning, not a failure
+    assert checks["accounting"]["status"] == WARN
+    assert "qemu-img check -r leaks" in str(checks["accounting"]["fix"])
+    assert checks["accounting"]["details"]["leaked_bytes"] == 65536  # type: ignore[index]
