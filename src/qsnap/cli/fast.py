@@ -45,16 +45,14 @@ def parse_list(argv: list[str]) -> tuple[str | None, bool] | None:
 
 def fast_list(image_option: str | None, as_json: bool) -> int | None:
     """Print the listing and return 0, or None to let the full CLI handle this run."""
-    from pathlib import Path
-
-    from qsnap.core.config import resolve_image
+    from qsnap.core.config import resolve_image_path
     from qsnap.core.errors import QsnapError
 
     try:
-        image = resolve_image(image_option)
+        image = resolve_image_path(image_option)
         from qsnap.service.image import check_image_file, image_held
 
-        check_image_file(image)
+        check_image_file(image)  # type: ignore[arg-type]  # str works: os.stat and open
         if image_held(image):
             return None  # a running VM has it: the full path asks its monitor
         from qsnap.qcow2 import open_image
@@ -62,19 +60,21 @@ def fast_list(image_option: str | None, as_json: bool) -> int | None:
         with open_image(image) as reader:
             snapshots = reader.snapshots()
         entries: list[tuple[Snapshot, str | None]] = [(s, None) for s in snapshots]
-        if Path(str(image) + ".qsnap.json").exists():
+        if os.path.exists(image + ".qsnap.json"):
+            from pathlib import Path
+
             from qsnap.service.sidecar import Sidecar
 
-            sidecar = Sidecar.load(image)
+            sidecar = Sidecar.load(Path(image))
             entries = [(s, sidecar.description(s)) for s in snapshots]
     except (QsnapError, OSError, ValueError):
         return None
     from qsnap.cli import render
 
     if as_json:
-        render.write_json(sys.stdout, render.list_json(str(image), "reader", entries))
+        render.write_json(sys.stdout, render.list_json(image, "reader", entries))
     else:
-        sys.stdout.write("".join(line + "\n" for line in render.list_lines(str(image), entries)))
+        sys.stdout.write("".join(line + "\n" for line in render.list_lines(image, entries)))
     return 0
 
 

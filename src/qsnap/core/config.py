@@ -8,32 +8,35 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 from qsnap.core.errors import ImageError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 DEFAULT_GLOBS = ("./debian-hurd-amd64-*.qcow2", "./debian-hurd-amd64.qcow2")
 _GLOB_CHARS = set("*?[")
 
 
-def _expand(pattern: str, cwd: Path) -> list[Path]:
+def _expand(pattern: str, cwd: str) -> list[str]:
     expanded = os.path.expanduser(pattern)
-    base = expanded if os.path.isabs(expanded) else str(cwd / expanded)
+    base = os.path.normpath(expanded if os.path.isabs(expanded) else os.path.join(cwd, expanded))
     if _GLOB_CHARS & set(pattern):
         import glob
 
-        return sorted(Path(p) for p in glob.glob(base))
-    return [Path(base)] if os.path.lexists(base) else []
+        return sorted(glob.glob(base))
+    return [base] if os.path.lexists(base) else []
 
 
-def resolve_image(
+def resolve_image_path(
     explicit: str | os.PathLike[str] | None,
     environ: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-) -> Path:
-    """The image a command works on, as an absolute path (it must exist)."""
+    cwd: str | os.PathLike[str] | None = None,
+) -> str:
+    """:func:`resolve_image` as a plain string (no pathlib: `qsnap list`'s fast path uses it)."""
     environ = os.environ if environ is None else environ
-    cwd = Path.cwd() if cwd is None else cwd
+    where = os.getcwd() if cwd is None else os.fspath(cwd)
     if explicit is not None and str(explicit) != "":
         candidates: list[tuple[str, str]] = [("--image", str(explicit))]
     elif environ.get("QCOW2_IMAGE"):
@@ -45,21 +48,32 @@ def resolve_image(
     searched = []
     for source, pattern in candidates:
         searched.append(pattern)
-        matches = _expand(pattern, cwd)
+        matches = _expand(pattern, where)
         if len(matches) > 1:
-            listing = ", ".join(str(m) for m in matches)
+            listing = ", ".join(matches)
             raise UsageError(
                 f"{len(matches)} images match {pattern!r} ({source}): {listing}.",
                 hint="choose one with -i IMAGE or QCOW2_IMAGE",
             )
         if matches:
-            return Path(os.path.abspath(matches[0]))
+            return os.path.abspath(matches[0])
         if source != "default":
             raise ImageError(
                 f"Image not found: {pattern!r} (from {source}) matches no file.",
                 hint="pass -i IMAGE or set QCOW2_IMAGE",
             )
     raise ImageError(
-        f"No image found: searched {' and '.join(repr(s) for s in searched)} in {cwd}.",
+        f"No image found: searched {' and '.join(repr(s) for s in searched)} in {where}.",
         hint="pass -i IMAGE or set QCOW2_IMAGE or IMAGE_PATH",
     )
+
+
+def resolve_image(
+    explicit: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The image a command works on, as an absolute path (it must exist)."""
+    from pathlib import Path
+
+    return Path(resolve_image_path(explicit, environ, cwd))

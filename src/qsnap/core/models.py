@@ -1,13 +1,19 @@
 """Typed models for what qsnap reads and does (immutable records, no behaviour).
 
 They are NamedTuples rather than frozen dataclasses on purpose: `qsnap list` imports them on
-every run, and `dataclasses` drags in `inspect` (~10-20 ms of start-up on these machines).
+every run, and `dataclasses` drags in `inspect` (~10-20 ms of start-up on these machines);
+at run time they come from qsnap.core.records, which does not import `typing` either.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: see qsnap.core.records
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
+else:
+    from qsnap.core.records import NamedTuple
 
 
 class Snapshot(NamedTuple):

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
 
 from qsnap.core.errors import CorruptImage, ImageError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: see qsnap.core.records
+if TYPE_CHECKING:
+    from typing import NamedTuple
+else:
+    from qsnap.core.records import NamedTuple
 
 # ------------------------------------------------------------------ QEMU's limits (block/qcow2.h)
 

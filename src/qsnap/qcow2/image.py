@@ -24,11 +24,18 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import NamedTuple, Protocol
 
 from qsnap.core.errors import CorruptImage, ImageError, SnapshotNotFound
 from qsnap.core.models import ImageInfo, Snapshot
 from qsnap.qcow2 import format as fmt
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: see qsnap.core.records
+if TYPE_CHECKING:
+    from typing import NamedTuple, Protocol
+else:
+    from qsnap.core.records import NamedTuple
+
+    Protocol = object
 
 _LITTLE = sys.byteorder == "little"
 _CACHE_BYTES = 64 << 20  # L2 tables kept in memory at most

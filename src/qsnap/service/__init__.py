@@ -12,7 +12,10 @@ Names are imported on first use, so `import qsnap.service` stays cheap for `qsna
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _EXPORTS = {
     "Context": "qsnap.service.snapshots",

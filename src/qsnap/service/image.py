@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 from qsnap.core.errors import ImageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 QCOW2_MAGIC = b"QFI\xfb"
 
 
-def check_image_file(path: Path) -> Path:
+def check_image_file(path: Path) -> Path:  # also accepts a str (and returns it)
     """PATH must be an existing, readable regular file that starts with the qcow2 magic."""
     try:
         st = os.stat(path)
@@ -50,7 +53,7 @@ _QEMU_LOCK_START = 100
 _QEMU_LOCK_LENGTH = 200
 
 
-def image_held(path: Path) -> bool:
+def image_held(path: Path | str) -> bool:
     """Whether some process (a running QEMU) holds QEMU's locks on PATH.
 
     Asks the kernel with F_OFD_GETLK, which takes no lock and runs no program: a file nobody
