@@ -31,6 +31,22 @@ class Snapshot(NamedTuple):
     def has_vm_state(self) -> bool:
         return self.vm_state_size > 0
 
+    @classmethod
+    def from_qapi(cls, entry: dict[str, Any]) -> Snapshot:
+        """From QEMU's SnapshotInfo (``qemu-img info --output=json``, QMP block node info)."""
+        date = datetime.fromtimestamp(int(entry.get("date-sec", 0)), tz=UTC).replace(
+            microsecond=int(entry.get("date-nsec", 0)) // 1000
+        )
+        return cls(
+            id=str(entry["id"]),
+            name=str(entry["name"]),
+            date=date,
+            vm_state_size=int(entry.get("vm-state-size", 0)),
+            vm_clock_ns=int(entry.get("vm-clock-sec", 0)) * 1_000_000_000 + int(entry.get("vm-clock-nsec", 0)),
+            disk_size=None,
+            icount=entry.get("icount"),
+        )
+
     @property
     def date_iso(self) -> str:
         return self.date.astimezone(UTC).isoformat().replace("+00:00", "Z")

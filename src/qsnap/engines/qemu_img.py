@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,24 +108,7 @@ def convert_argv(
 # ---------------------------------------------------------------- parsing (pure)
 
 def parse_snapshots(data: Sequence[dict[str, Any]]) -> tuple[Snapshot, ...]:
-    snaps = []
-    for entry in data:
-        date = datetime.fromtimestamp(entry.get("date-sec", 0), tz=UTC).replace(
-            microsecond=int(entry.get("date-nsec", 0)) // 1000
-        )
-        snaps.append(
-            Snapshot(
-                id=str(entry["id"]),
-                name=str(entry["name"]),
-                date=date,
-                vm_state_size=int(entry.get("vm-state-size", 0)),
-                vm_clock_ns=int(entry.get("vm-clock-sec", 0)) * 1_000_000_000
-                + int(entry.get("vm-clock-nsec", 0)),
-                disk_size=None,
-                icount=entry.get("icount"),
-            )
-        )
-    return tuple(snaps)
+    return tuple(Snapshot.from_qapi(entry) for entry in data)
 
 
 def parse_info(path: Path | str, data: dict[str, Any]) -> ImageInfo:

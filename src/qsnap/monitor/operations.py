@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -237,23 +236,7 @@ class Monitor(abc.ABC):
 # ---------------------------------------------------------------- QMP
 
 def _qmp_snapshots(image: dict[str, Any]) -> tuple[Snapshot, ...]:
-    snaps = []
-    for entry in image.get("snapshots") or ():
-        date = datetime.fromtimestamp(int(entry.get("date-sec", 0)), tz=UTC).replace(
-            microsecond=int(entry.get("date-nsec", 0)) // 1000
-        )
-        snaps.append(
-            Snapshot(
-                id=str(entry["id"]),
-                name=str(entry["name"]),
-                date=date,
-                vm_state_size=int(entry.get("vm-state-size", 0)),
-                vm_clock_ns=int(entry.get("vm-clock-sec", 0)) * 1_000_000_000
-                + int(entry.get("vm-clock-nsec", 0)),
-                icount=entry.get("icount"),
-            )
-        )
-    return tuple(snaps)
+    return tuple(Snapshot.from_qapi(entry) for entry in image.get("snapshots") or ())
 
 
 def parse_named_block_nodes(nodes: list[dict[str, Any]]) -> list[BlockImage]:
