@@ -188,19 +188,16 @@ def read_run_record(image: Path) -> dict[str, Any] | None:
 
 def probe(address: Any, timeout: float = CONNECT_TIMEOUT) -> tuple[bool, str, bytes]:
     """Connect to a monitor address; (reachable, error text, first bytes it sent)."""
+    from qsnap.core.errors import MonitorError
+    from qsnap.monitor.transport import open_socket
+
     try:
-        if address.kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(str(address.path))
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            sock = socket.create_connection((str(address.host), int(address.port)), timeout=timeout)
-    except OSError as exc:
-        return False, exc.strerror or str(exc) or type(exc).__name__, b""
+        sock = open_socket(address, timeout)
+    except MonitorError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.strerror:
+            return False, cause.strerror, b""
+        return False, exc.message, b""
     with sock:
         sock.settimeout(timeout)
         try:
