@@ -89,22 +89,45 @@ def progress_for(inv: Invocation) -> Callable[[int, int], None] | None:
         return _throttled(emit)
     if not inv.env.stderr_isatty:
         return None
-    from qsnap.backup.partial import human
+    return _RichBar(inv)
 
-    started = time.monotonic()
 
-    def bar(done: int, total: int) -> None:
-        elapsed = max(time.monotonic() - started, 1e-6)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 else 0
-        frac = done / total if total else 1
-        filled = int(frac * 30)
-        inv.env.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {frac:6.1%} {human(done)} "
-                             f"{human(rate)}/s ETA {eta:4.0f}s ")
-        if done >= total:
-            inv.env.stderr.write("\n")
-        inv.env.stderr.flush()
-    return _throttled(bar)
+class _RichBar:
+    """Bytes, rate and ETA on the terminal (stderr) through rich, started on the first call."""
+
+    def __init__(self, inv: Invocation) -> None:
+        self.inv = inv
+        self.progress: Any = None
+        self.task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.progress is None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self.progress = Progress(
+                BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn(),
+                console=Console(file=self.inv.env.stderr), transient=False,
+            )
+            self.progress.start()
+            import atexit
+
+            atexit.register(self.close)  # an error mid-way must not leave the terminal in live mode
+            self.task = self.progress.add_task("backup", total=total or None)
+        self.progress.update(self.task, completed=done, total=total or None)
+        if total and done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 def _throttled(fn: Callable[[int, int], None], every: float = 0.2) -> Callable[[int, int], None]:
