@@ -91,8 +91,10 @@ def export_snapshot(
         raise ImageError(f"Image {image} does not exist or is not a regular file.")
     if output.exists() and not force:
         raise OutputExists(f"Backup output {output} already exists.", hint="use --force to replace it")
-    if output == image:
-        raise UsageError("The backup output is the image itself.")
+    if os.path.realpath(output) == os.path.realpath(image) or (
+        output.exists() and os.path.samefile(output, image)
+    ):
+        raise UsageError("The backup output is the image itself.", hint="choose another OUTPUT")
     if level is None:
         level = DEFAULT_LEVELS.get(form)
     warnings: list[str] = []

@@ -163,6 +163,12 @@ def translate_error(exc: ProcessError, path: Path | str) -> QsnapError:
             hint="stop the VM, or let qsnap use the VM's monitor with --monitor ADDR "
             "(or QSNAP_MONITOR / MONITOR_PORT)",
         )
+    if "No space left on device" in stderr or "Disk quota exceeded" in stderr:
+        return QsnapError(
+            f"The filesystem holding {path} is full, so qemu-img could not finish ({said}).",
+            hint="free some space (qsnap prune, or delete old backups) and retry; the image may hold a few "
+            "leaked clusters, which 'qemu-img check -r leaks' reclaims",
+        )
     if "No such file or directory" in stderr or "regular file" in stderr:
         return ImageError(f"Cannot open {path}: {said}.")
     if "Permission denied" in stderr or "Read-only file system" in stderr:

@@ -96,7 +96,7 @@ def import_backup(
     from qsnap.service.lock import image_lock
     from qsnap.vm import NoController, controller_for
 
-    path = Path(image).absolute()
+    path = Path(os.path.realpath(image))  # a symlinked image: replace the file it points at
     source = Path(backup_path).absolute()
     with image_lock(path, f"import {source.name}", ctx.lock_timeout), \
             audit.recorded(path, "import", None) as rec:

@@ -213,7 +213,15 @@ def describe(
         previous = sidecar.description(target)
         new = text.strip() or None
         sidecar.update(target, description=new)
-        sidecar.save(snapshots)
+        try:
+            sidecar.save(snapshots)
+        except OSError as exc:
+            from qsnap.core.errors import ImageError
+
+            raise ImageError(
+                f"Cannot write the sidecar {sidecar.path}: {exc.strerror or exc}; the description was not changed.",
+                hint="check the permissions of the image's directory",
+            ) from None
         return DescribeResult(path, target, new, previous)
 
 

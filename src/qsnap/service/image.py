@@ -14,8 +14,13 @@ if TYPE_CHECKING:
 QCOW2_MAGIC = b"QFI\xfb"
 
 
-def check_image_file(path: Path) -> Path:  # also accepts a str (and returns it)
-    """PATH must be an existing, readable regular file that starts with the qcow2 magic."""
+def check_image_file(path: Path) -> Path:  # also accepts a str (and returns a str)
+    """PATH must be an existing, readable regular file that starts with the qcow2 magic.
+
+    Returns the image's real path (symlinks and ``..`` resolved): the lock, the sidecar, the
+    audit log and the VM run directory all hang off it, so every spelling of one image must
+    lead to the same files.
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -34,7 +39,10 @@ def check_image_file(path: Path) -> Path:  # also accepts a str (and returns it)
     if magic != QCOW2_MAGIC:
         what = "an empty file" if st.st_size == 0 else "not a qcow2 image (no QFI\\xfb magic)"
         raise ImageError(f"{path} is {what}.", hint="qsnap manages qcow2 images only")
-    return path
+    real = os.path.realpath(path)
+    if isinstance(path, str):
+        return real
+    return type(path)(real)
 
 
 def check_writable(path: Path) -> None:
