@@ -12,6 +12,7 @@ Usage: .venv/bin/python bench/bench_backup.py [DATA_MIB]     (BENCH_DIR picks th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 
 QSNAP = str(Path(sys.executable).parent / "qsnap")
 CHUNK = 4 << 20
+PIECE = 1 << 30
 
 
 def sh(*argv: str) -> None:
@@ -60,17 +62,19 @@ def make_image(path: Path, data_mib: int) -> None:
     quarter = (data_mib // 4) << 20
     blob = path.with_suffix(".fill")
     rnd = random.Random(1)
-    with open(blob, "wb") as out:
-        for _ in range(quarter // CHUNK):
-            out.write(os.urandom(CHUNK))
-        for block in _text_chunks(quarter, rnd):
-            out.write(block)
-        for block in _binary_chunks(quarter, rnd):
-            out.write(block)
-        zeros = bytes(CHUNK)
-        for _ in range(quarter // CHUNK):
-            out.write(zeros)
-    sh("qemu-io", "-f", "qcow2", "-c", f"write -s {blob} 0 {4 * quarter}", str(path))
+    zeros = bytes(CHUNK)
+    blocks = itertools.chain((os.urandom(CHUNK) for _ in range(quarter // CHUNK)), _text_chunks(quarter, rnd),
+                             _binary_chunks(quarter, rnd), (zeros for _ in range(quarter // CHUNK)))
+    offset = 0
+    while offset < 4 * quarter:  # qemu-io writes at most 2 GiB - 512 bytes at once: 1 GiB pieces
+        with open(blob, "wb") as out:
+            while out.tell() < PIECE and (block := next(blocks, b"")):
+                out.write(block)
+            length = out.tell()
+        if not length:
+            break
+        sh("qemu-io", "-f", "qcow2", "-c", f"write -s {blob} {offset} {length}", str(path))
+        offset += length
     blob.unlink()
     sh("qemu-img", "snapshot", "-c", "bench", str(path))
 
