@@ -60,7 +60,11 @@ ensure_venv() {
     local extras="$1" py stamp
     if ! py="$(find_python)"; then
         apt_install python3 python3-venv
-        py="$(find_python)" || { echo "qsnap needs Python >= 3.11" >&2; exit 1; }
+        if ! py="$(find_python)"; then
+            # Ubuntu 22.04 ships 3.10 as python3 but packages python3.11 too.
+            apt_install python3.11 python3.11-venv || true
+            py="$(find_python)" || { echo "qsnap needs Python >= 3.11" >&2; exit 1; }
+        fi
     fi
     if [ ! -x "$VENV/bin/python" ]; then
         log "creating $VENV"
