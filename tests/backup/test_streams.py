@@ -13,7 +13,7 @@ import pytest
 
 from conftest import run, snap, write
 from qsnap.backup import export_snapshot, verify_backup
-from qsnap.backup.qcow2stream import Qcow2Reader
+from qsnap.backup.source import SourceReader
 from qsnap.backup.streams import (
     GZ_HEAD_SIZE,
     AsyncHash,
@@ -126,7 +126,7 @@ def test_block_reads_equal_cluster_reads_on_a_fragmented_image(tmp_path: Path) -
     run("qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M")
     for k in reversed(range(0, 12)):
         write(path, 0x40 + k, f"{k}M", "512k")
-    with Qcow2Reader(path) as reader:
+    with SourceReader(path) as reader:
         indices = list(reader.mapping.data_indices())
         expected = b"".join(data for _, data in reader.iter_clusters(indices))
         for block in (64 << 10, 300 << 10, 4 << 20):

@@ -3,7 +3,8 @@
 Paths (docs/backup.md has the table):
 - ``.qcow2`` / ``.raw``: ``qemu-img convert`` straight into ``OUTPUT.partial`` (no temporary).
 - ``.qcow2.gz`` / ``.qcow2.zst`` (+ ``.age``): the snapshot's clusters are read from the image
-  and written as a compact qcow2 stream (:mod:`qcow2stream`) through the compressor into
+  (by :mod:`qsnap.qcow2`, through :mod:`qsnap.backup.source`) and written as a compact qcow2
+  stream (:mod:`qcow2stream`) through the compressor into
   ``OUTPUT.partial``: no temporary. Images the reader does not handle (encrypted, backing
   file, extended L2, external data file) go through a qemu-img temporary beside OUTPUT.
 - ``--incremental``: a compact qcow2 stream whose backing file is the previous backup.
@@ -43,15 +44,8 @@ from qsnap.backup.partial import (
     no_space_error,
     partial_path,
 )
-from qsnap.backup.qcow2stream import (
-    COMPRESSED_DATA,
-    DATA,
-    Layout,
-    Qcow2Reader,
-    Unsupported,
-    read_snapshot_table,
-    write_blocks,
-)
+from qsnap.backup.qcow2stream import Layout, write_blocks
+from qsnap.backup.source import COMPRESSED_DATA, DATA, SourceReader, Unsupported
 from qsnap.backup.streams import AsyncHash, HashingWriter, ParallelGzipWriter, ZstdWriter, prefetch
 from qsnap.core.errors import ImageError, OutputExists, QsnapError, UsageError
 from qsnap.core.fsutil import atomic_write_bytes
@@ -102,9 +96,9 @@ def export_snapshot(
     clear_stale(partial_path(output), warnings)
     snapshot_id = snapshot.id if snapshot is not None else None
 
-    reader: Qcow2Reader | None = None
+    reader: SourceReader | None = None
     try:
-        reader = Qcow2Reader(image, snapshot_id)
+        reader = SourceReader(image, snapshot_id)
     except Unsupported as exc:
         if incremental:
             raise UsageError(f"Incremental backups of {image} are not supported ({exc}).") from exc
@@ -252,11 +246,11 @@ def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> st
     return digest.hexdigest()
 
 
-def _data_bytes(reader: Qcow2Reader) -> int:
+def _data_bytes(reader: SourceReader) -> int:
     return reader.mapping.count(DATA, COMPRESSED_DATA) * reader.cluster_size
 
 
-def _estimate_compressed(reader: Qcow2Reader, payload: int) -> int:
+def _estimate_compressed(reader: SourceReader, payload: int) -> int:
     """A cautious estimate of the compressed size from a sample of up to 32 clusters."""
     indices = list(reader.mapping.data_indices())
     if not indices:
@@ -274,7 +268,7 @@ def _estimate_compressed(reader: Qcow2Reader, payload: int) -> int:
 
 def _export_qemu_img(
     image: Path, snapshot_id: str | None, output: Path, form: str, compress: bool,
-    encrypt: EncryptionSpec | None, reader: Qcow2Reader | None, progress: Progress | None,
+    encrypt: EncryptionSpec | None, reader: SourceReader | None, progress: Progress | None,
     force_share: bool, info: dict[str, Any],
 ) -> tuple[str, str, int]:
     if reader is not None:
@@ -360,7 +354,7 @@ class _Pipeline:
 
 
 def _export_stream(
-    image: Path, snapshot_id: str | None, reader: Qcow2Reader | None, output: Path, form: str, level: int,
+    image: Path, snapshot_id: str | None, reader: SourceReader | None, output: Path, form: str, level: int,
     encrypt: EncryptionSpec | None, progress: Progress | None, info: dict[str, Any],
 ) -> tuple[str, str, int]:
     if reader is not None:
@@ -375,7 +369,7 @@ def _export_stream(
             argv = qemu.convert_argv(image, snapshot_id, holder.path)
             qemu.run_with_progress(argv, image, required, None)
             holder.commit()
-        with Qcow2Reader(temp) as flat:
+        with SourceReader(temp) as flat:
             return _stream_from_reader(flat, output, form, level, encrypt, progress, info)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -385,7 +379,7 @@ def _export_stream(
 
 
 def _stream_from_reader(
-    reader: Qcow2Reader, output: Path, form: str, level: int, encrypt: EncryptionSpec | None,
+    reader: SourceReader, output: Path, form: str, level: int, encrypt: EncryptionSpec | None,
     progress: Progress | None, info: dict[str, Any],
 ) -> tuple[str, str, int]:
     indices = list(reader.mapping.data_indices())
@@ -458,41 +452,32 @@ def find_base(image: Path, output: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _export_incremental(
-    reader: Qcow2Reader, base: tuple[Path, dict[str, Any]], output: Path, progress: Progress | None,
+    reader: SourceReader, base: tuple[Path, dict[str, Any]], output: Path, progress: Progress | None,
     info: dict[str, Any], warnings: list[str],
 ) -> tuple[str, str, int]:
     base_path, base_manifest = base
-    cur = reader.mapping
     old_snap = (base_manifest.get("source") or {}).get("snapshot")
     changed: list[int] = []
     zeros: list[int] = []
-    old_mapping = None
+    old_entry = None
     if old_snap:
-        for entry in read_snapshot_table(reader.fd, reader.header):
-            snap = _entry_snapshot(entry)
+        for entry, snap in zip(reader.snapshot_entries(), reader.image.snapshots(), strict=True):
             if (snap.id, snap.name, snap.date_iso) == (old_snap["id"], old_snap["name"], old_snap["date"]):
-                old_mapping = reader._map(entry.l1_table_offset, entry.l1_size, reader.virtual_size)
+                old_entry = entry
                 break
-    if old_mapping is not None:
-        # Same host cluster in both states => same bytes (both are immutable while both exist).
+    if old_entry is not None:
         info["diff"] = "metadata"
-        for i in range(cur.cluster_count):
-            kind, old_kind = cur.kinds[i], old_mapping.kinds[i]
-            if kind == old_kind and cur.entries[i] == old_mapping.entries[i]:
-                continue
-            if kind >= DATA:
-                changed.append(i)
-            elif old_kind >= DATA:  # now reads as zeros, the base has data there
-                zeros.append(i)
+        changed, zeros = reader.diff_state(old_entry)
     else:
         info["diff"] = "content"
         warnings.append("the base backup's snapshot is gone from the image; compared contents instead")
         try:
-            base_reader = Qcow2Reader(base_path, allow_backing=True)
-        except (Unsupported, OSError) as exc:
+            base_reader = SourceReader(base_path, allow_backing=True)
+        except (Unsupported, QsnapError, OSError) as exc:
             raise UsageError(f"Cannot read the base backup {base_path} ({exc}).") from exc
         with base_reader:
             c = reader.cluster_size
+            cur = reader.mapping
             if base_reader.cluster_size != c or base_reader.virtual_size != reader.virtual_size:
                 raise UsageError(f"The base backup {base_path} has another geometry; make a full backup.")
             for i in range(cur.cluster_count):
@@ -510,13 +495,6 @@ def _export_incremental(
                 data_offset=layout.data_offset, allocated=len(changed) * reader.cluster_size, changed=len(changed))
     check_space(output.parent, layout.file_size + MARGIN, f"the backup {output.name}")
     return _write_layout(layout, prefetch(reader.iter_blocks(changed)), output, "qcow2", 0, None, progress)
-
-
-def _entry_snapshot(entry: Any) -> Snapshot:
-    from datetime import UTC, datetime
-
-    date = datetime.fromtimestamp(entry.date_sec, tz=UTC).replace(microsecond=entry.date_nsec // 1000)
-    return Snapshot(entry.id, entry.name, date, entry.vm_state_size, entry.vm_clock_ns, entry.disk_size)
 
 
 __all__ = ["InsufficientSpace", "export_snapshot", "find_base", "sha256_file"]

@@ -1,4 +1,4 @@
-"""Read a snapshot's clusters straight from a qcow2 file, and write a compact qcow2 as one stream.
+"""Write a compact qcow2 as one stream, and check such a stream while it goes by.
 
 Why: ``qemu-img`` cannot write a qcow2 into a pipe, and the guide's "convert, then gzip"
 needs a full-size temporary copy. A qcow2 whose layout is fixed in advance can be written in
@@ -11,49 +11,31 @@ a single forward pass once the allocated clusters are known (docs/interop/qcow2.
     L2 tables      one per L1 entry that maps anything, in guest order
     data clusters  in guest order
 
-This module never spawns processes and opens source images read-only. It supports the
-common case (no encryption, no external data file, no extended L2); everything else is
-reported as :class:`Unsupported` so the caller can fall back to ``qemu-img``.
-
-Reading a snapshot is safe while a VM runs: a snapshot's clusters are shared copy-on-write
-(refcount >= 2) and are never rewritten while the snapshot exists.
+Source images are read by :mod:`qsnap.qcow2` (through :mod:`qsnap.backup.source`); this
+module only writes qsnap's own stream layout and checks it (its header is parsed by
+:func:`qsnap.qcow2.format.parse_header`). It never spawns processes.
 """
 
 from __future__ import annotations
 
-import os
 import struct
-import zlib
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
-MAGIC = b"QFI\xfb"
+from qsnap.core.errors import QsnapError
+from qsnap.qcow2 import format as qfmt
+
+MAGIC = qfmt.MAGIC
 L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 COPIED = 1 << 63
 COMPRESSED = 1 << 62
 ZERO_FLAG = 1
-EXT_END = 0x00000000
-EXT_BACKING_FORMAT = 0xE2792ACA
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
-
-# Guest cluster kinds in a mapping.
-UNALLOCATED = 0  # reads from the backing file, or zeros without one
-ZERO = 1  # reads as zeros (v3 zero flag)
-DATA = 2  # a host cluster holding the data
-COMPRESSED_DATA = 3
-
-
-class Unsupported(Exception):
-    """The image uses a qcow2 feature this reader does not handle (caller falls back)."""
+EXT_END = qfmt.EXT_END
+EXT_BACKING_FORMAT = qfmt.EXT_BACKING_FORMAT
 
 
 class Malformed(Exception):
@@ -64,330 +46,12 @@ class Sink(Protocol):
     def write(self, data: bytes, /) -> object: ...
 
 
-@dataclass(frozen=True)
-class Header:
-    version: int
-    cluster_bits: int
-    size: int
-    crypt_method: int
-    l1_size: int
-    l1_table_offset: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    nb_snapshots: int
-    snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = 72
-    compression_type: int = 0
-    backing_file: str | None = None
-    backing_format: str | None = None
-
-    @property
-    def cluster_size(self) -> int:
-        return 1 << self.cluster_bits
-
-
-@dataclass(frozen=True)
-class SnapshotEntry:
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_ns: int
-    vm_state_size: int
-    disk_size: int | None
-
-
-def parse_header(data: bytes) -> Header:
-    """Parse the qcow2 header in DATA (at least the first cluster, or 4 KiB)."""
-    if len(data) < 72 or data[:4] != MAGIC:
-        raise Malformed("not a qcow2 image (bad magic)")
-    (version, backing_offset, backing_size, cluster_bits, size, crypt, l1_size, l1_off,
-     rt_off, rt_clusters, nb_snap, snap_off) = struct.unpack_from(">IQIIQIIQQIIQ", data, 4)
-    if version not in (2, 3):
-        raise Malformed(f"unknown qcow2 version {version}")
-    if not 9 <= cluster_bits <= 21:
-        raise Malformed(f"bad cluster_bits {cluster_bits}")
-    incompat = compat = autoclear = 0
-    refcount_order, header_length, compression_type = 4, 72, 0
-    if version == 3:
-        if len(data) < 104:
-            raise Malformed("truncated v3 header")
-        incompat, compat, autoclear, refcount_order, header_length = struct.unpack_from(">QQQII", data, 72)
-        if header_length > 104 and len(data) >= 105:
-            compression_type = data[104]
-    backing_format = None
-    ext_at = header_length if version == 3 else 72
-    while ext_at + 8 <= min(len(data), 1 << cluster_bits):
-        ext_type, ext_len = struct.unpack_from(">II", data, ext_at)
-        if ext_type == EXT_END:
-            break
-        if ext_type == EXT_BACKING_FORMAT:
-            backing_format = data[ext_at + 8 : ext_at + 8 + ext_len].decode("utf-8", "replace")
-        ext_at += 8 + ((ext_len + 7) & ~7)
-    backing = None
-    if backing_offset:
-        if backing_offset + backing_size > len(data):
-            raise Malformed("backing file name outside the header cluster")
-        backing = data[backing_offset : backing_offset + backing_size].decode("utf-8", "replace")
-    return Header(version, cluster_bits, size, crypt, l1_size, l1_off, rt_off, rt_clusters, nb_snap,
-                  snap_off, incompat, compat, autoclear, refcount_order, header_length,
-                  compression_type, backing, backing_format)
-
-
-def read_snapshot_table(fd: int, header: Header) -> list[SnapshotEntry]:
-    entries = []
-    at = header.snapshots_offset
-    for _ in range(header.nb_snapshots):
-        fixed = os.pread(fd, 40, at)
-        if len(fixed) < 40:
-            raise Malformed("truncated snapshot table")
-        l1_off, l1_size, id_len, name_len, dsec, dnsec, clock, vm_state, extra_len = struct.unpack(
-            ">QIHHIIQII", fixed
-        )
-        extra = os.pread(fd, extra_len, at + 40)
-        disk_size = None
-        if extra_len >= 8:
-            vm_state = max(vm_state, struct.unpack_from(">Q", extra, 0)[0])
-        if extra_len >= 16:
-            disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        names = os.pread(fd, id_len + name_len, at + 40 + extra_len)
-        entries.append(SnapshotEntry(
-            names[:id_len].decode("utf-8", "replace"), names[id_len:].decode("utf-8", "replace"),
-            l1_off, l1_size, dsec, dnsec, clock, vm_state, disk_size,
-        ))
-        at += 40 + extra_len + id_len + name_len
-        at = (at + 7) & ~7
-    return entries
-
-
-@dataclass
-class Mapping:
-    """Which guest clusters of one image state hold what.
-
-    ``kinds[i]`` is UNALLOCATED/ZERO/DATA/COMPRESSED_DATA for guest cluster i; ``entries[i]``
-    is the raw L2 entry (flags masked to what matters). Arrays keep memory at 9 bytes a cluster.
-    """
-
-    cluster_size: int
-    virtual_size: int
-    kinds: bytearray
-    entries: array  # type: ignore[type-arg]
-
-    @property
-    def cluster_count(self) -> int:
-        return len(self.kinds)
-
-    def count(self, *kinds: int) -> int:
-        return sum(self.kinds.count(k) for k in kinds)
-
-    def data_indices(self) -> Iterator[int]:
-        for i, kind in enumerate(self.kinds):
-            if kind >= DATA:
-                yield i
-
-
-class Qcow2Reader:
-    """Read-only access to one state (a snapshot or the current state) of a qcow2 file."""
-
-    def __init__(self, path: Path, snapshot_id: str | None = None, *, allow_backing: bool = False) -> None:
-        self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
-        try:
-            self.header = parse_header(os.pread(self.fd, 1 << 16, 0))
-            self._setup(snapshot_id, allow_backing)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def _setup(self, snapshot_id: str | None, allow_backing: bool) -> None:
-        h = self.header
-        if h.crypt_method:
-            raise Unsupported("encrypted image")
-        if h.incompatible_features & (INCOMPAT_DATA_FILE | INCOMPAT_EXTL2):
-            raise Unsupported("external data file or extended L2 entries")
-        if h.incompatible_features & INCOMPAT_CORRUPT:
-            raise Unsupported("image is marked corrupt")
-        if h.incompatible_features & ~(INCOMPAT_DIRTY | INCOMPAT_COMPRESSION):
-            raise Unsupported(f"unknown incompatible features {h.incompatible_features:#x}")
-        self.backing: Qcow2Reader | None = None
-        if h.backing_file:
-            if not allow_backing:
-                raise Unsupported("image has a backing file")
-            if h.backing_format not in (None, "qcow2"):
-                raise Unsupported(f"backing file format {h.backing_format}")
-            base = Path(h.backing_file)
-            if not base.is_absolute():
-                base = self.path.parent / base
-            if not base.exists():
-                raise FileNotFoundError(f"backing file {base} of {self.path} is missing")
-            self.backing = Qcow2Reader(base, None, allow_backing=True)
-        self.cluster_size = h.cluster_size
-        if snapshot_id is None:
-            l1_off, l1_size, vsize = h.l1_table_offset, h.l1_size, h.size
-            self.snapshot: SnapshotEntry | None = None
-        else:
-            match = [s for s in read_snapshot_table(self.fd, h) if s.id == snapshot_id]
-            if not match:
-                raise Malformed(f"no snapshot with ID {snapshot_id} in {self.path}")
-            self.snapshot = match[0]
-            l1_off, l1_size = self.snapshot.l1_table_offset, self.snapshot.l1_size
-            vsize = self.snapshot.disk_size if self.snapshot.disk_size is not None else h.size
-        self.virtual_size = vsize
-        self.mapping = self._map(l1_off, l1_size, vsize)
-
-    def close(self) -> None:
-        if self.backing is not None:
-            self.backing.close()
-        os.close(self.fd)
-
-    def __enter__(self) -> Qcow2Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _map(self, l1_off: int, l1_size: int, vsize: int) -> Mapping:
-        c = self.cluster_size
-        per_l2 = c // 8
-        n = (vsize + c - 1) // c
-        kinds = bytearray(n)
-        entries = array("Q", bytes(8 * n))
-        need_l1 = (n + per_l2 - 1) // per_l2
-        l1_raw = os.pread(self.fd, 8 * min(need_l1, l1_size), l1_off) if need_l1 else b""
-        l1 = struct.unpack(f">{len(l1_raw) // 8}Q", l1_raw)
-        for l1_index, l1_entry in enumerate(l1):
-            l2_off = l1_entry & L1_OFFSET_MASK
-            if not l2_off:
-                continue
-            raw = os.pread(self.fd, c, l2_off)
-            if len(raw) < c:
-                raise Malformed(f"L2 table at {l2_off} is past the end of the file")
-            l2 = struct.unpack(f">{per_l2}Q", raw)
-            base = l1_index * per_l2
-            for j, entry in enumerate(l2):
-                i = base + j
-                if i >= n:
-                    break
-                if entry & COMPRESSED:
-                    kinds[i] = COMPRESSED_DATA
-                    entries[i] = entry & ~(COPIED | COMPRESSED)
-                elif entry & ZERO_FLAG and self.header.version == 3:
-                    kinds[i] = ZERO
-                elif entry & L2_OFFSET_MASK:
-                    kinds[i] = DATA
-                    entries[i] = entry & L2_OFFSET_MASK
-        return Mapping(c, vsize, kinds, entries)
-
-    def read_compressed(self, descriptor: int) -> bytes:
-        c = self.cluster_size
-        x = 62 - (self.header.cluster_bits - 8)
-        offset = descriptor & ((1 << x) - 1)
-        sectors = ((descriptor >> x) & ((1 << (self.header.cluster_bits - 8)) - 1)) + 1
-        raw = os.pread(self.fd, sectors * 512 - (offset & 511), offset)
-        if self.header.compression_type == 1:
-            import zstandard
-
-            out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-        else:
-            out = zlib.decompressobj(-12).decompress(raw, c)
-        if len(out) < c:
-            raise Malformed(f"compressed cluster at {offset} decompresses to {len(out)} bytes")
-        return out[:c]
-
-    def read_cluster(self, index: int) -> bytes | None:
-        """Guest cluster INDEX, or None when it reads as zeros."""
-        kind = self.mapping.kinds[index]
-        c = self.cluster_size
-        if kind == DATA:
-            data = os.pread(self.fd, c, self.mapping.entries[index])
-            if len(data) < c:
-                raise Malformed(f"data cluster at {self.mapping.entries[index]} is past the end of the file")
-            return data
-        if kind == COMPRESSED_DATA:
-            return self.read_compressed(self.mapping.entries[index])
-        if kind == UNALLOCATED and self.backing is not None and index < self.backing.mapping.cluster_count:
-            return self.backing.read_cluster(index)
-        return None
-
-    def _pread_exact(self, length: int, offset: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) < length:
-            raise Malformed(f"data cluster near {offset} is past the end of the file")
-        return data
-
-    def iter_blocks(self, indices: Iterable[int], block: int = 4 << 20) -> Iterator[tuple[int, bytes]]:
-        """Yield (cluster count, data) for INDICES (ascending), about BLOCK bytes at a time.
-
-        Host-contiguous clusters are read with one pread each run; a block is one buffer, so
-        the writers hash and compress big buffers, not 64 KiB slices.
-        """
-        c = self.cluster_size
-        kinds, entries = self.mapping.kinds, self.mapping.entries
-        per_block = max(1, block // c)
-        pieces: list[bytes] = []
-        count = 0
-        run_start = run_len = 0
-        for idx in indices:
-            if kinds[idx] == DATA:
-                host = entries[idx]
-                if run_len and host == run_start + run_len * c:
-                    run_len += 1
-                else:
-                    if run_len:
-                        pieces.append(self._pread_exact(run_len * c, run_start))
-                    run_start, run_len = host, 1
-            else:
-                if run_len:
-                    pieces.append(self._pread_exact(run_len * c, run_start))
-                    run_len = 0
-                data = self.read_cluster(idx)
-                pieces.append(data if data is not None else bytes(c))
-            count += 1
-            if count >= per_block:
-                if run_len:
-                    pieces.append(self._pread_exact(run_len * c, run_start))
-                    run_len = 0
-                yield count, pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                pieces, count = [], 0
-        if run_len:
-            pieces.append(self._pread_exact(run_len * c, run_start))
-        if count:
-            yield count, pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def iter_clusters(self, indices: Iterable[int], run: int = 32) -> Iterator[tuple[int, bytes]]:
-        """Yield (index, data) for INDICES (ascending), merging host-contiguous reads."""
-        c = self.cluster_size
-        kinds, entries = self.mapping.kinds, self.mapping.entries
-        pending: list[int] = []
-
-        def flush() -> Iterator[tuple[int, bytes]]:
-            start = entries[pending[0]]
-            blob = os.pread(self.fd, c * len(pending), start)
-            if len(blob) < c * len(pending):
-                raise Malformed(f"data cluster near {start} is past the end of the file")
-            for k, idx in enumerate(pending):
-                yield idx, blob[k * c : (k + 1) * c]
-
-        for idx in indices:
-            if kinds[idx] == DATA:
-                if pending and (entries[idx] != entries[pending[-1]] + c or len(pending) >= run):
-                    yield from flush()
-                    pending = []
-                pending.append(idx)
-                continue
-            if pending:
-                yield from flush()
-                pending = []
-            data = self.read_cluster(idx)
-            yield idx, data if data is not None else bytes(c)
-        if pending:
-            yield from flush()
+def parse_stream_header(data: bytes, length: int) -> qfmt.Header:
+    """The header of a qcow2 stream from its first cluster (Malformed when it is broken)."""
+    try:
+        return qfmt.parse_header(data, length, "the qcow2 stream")
+    except QsnapError as exc:
+        raise Malformed(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- the writer
@@ -554,7 +218,7 @@ def write_blocks(
     on_bytes: Callable[[int], None] | None = None,
 ) -> int:
     """Like :func:`write_stream`, with data as (cluster count, bytes) blocks in layout order
-    (:meth:`Qcow2Reader.iter_blocks` over ``layout.data_indices``)."""
+    (:meth:`qsnap.backup.source.SourceReader.iter_blocks` over ``layout.data_indices``)."""
     written = 0
     for chunk in layout.metadata():
         sink.write(chunk)
@@ -621,13 +285,17 @@ class StreamChecker:
             self._data(rest)
 
     def _try_metadata(self) -> None:
-        if len(self._buf) < 4096:
+        if len(self._buf) < 24:
             return
-        h = parse_header(bytes(self._buf[:4096]))
-        c = h.cluster_size
+        if bytes(self._buf[:4]) != MAGIC:
+            raise Malformed("not a qcow2 image (bad magic)")
+        bits = int.from_bytes(self._buf[20:24], "big")
+        if not qfmt.MIN_CLUSTER_BITS <= bits <= qfmt.MAX_CLUSTER_BITS:
+            raise Malformed(f"bad cluster_bits {bits}")
+        c = 1 << bits
         if len(self._buf) < c:
             return
-        h = parse_header(bytes(self._buf[:c]))
+        h = parse_stream_header(bytes(self._buf[:c]), len(self._buf))
         if h.version != 3 or h.crypt_method or h.nb_snapshots or h.incompatible_features or h.refcount_order != 4:
             raise Malformed("header is not a qsnap stream header (version/crypt/snapshots/features)")
         per_l2 = c // 8

@@ -19,9 +19,10 @@ from typing import Any
 
 from qsnap.backup import qemu
 from qsnap.backup.model import Check, VerifyReport, load_manifest
-from qsnap.backup.qcow2stream import DATA, Malformed, Qcow2Reader, StreamChecker, Unsupported
+from qsnap.backup.qcow2stream import Malformed, StreamChecker
+from qsnap.backup.source import DATA, SourceReader, Unsupported
 from qsnap.backup.streams import READ_CHUNK, AsyncHash, ChunkReader, iter_file, parallel_gunzip, unzstd_chunks
-from qsnap.core.errors import UsageError, VerificationFailed
+from qsnap.core.errors import QsnapError, UsageError, VerificationFailed
 from qsnap.core.models import Snapshot
 
 Against = tuple[Path, Snapshot | None]
@@ -231,15 +232,15 @@ def _skeleton_check(path: Path, metadata: bytes, length: int, add: Callable[...,
 
 # ------------------------------------------------------------------------ content comparison
 
-def _source_reader(against: Against) -> Qcow2Reader:
+def _source_reader(against: Against) -> SourceReader:
     image, snapshot = against
     try:
-        return Qcow2Reader(image, snapshot.id if snapshot is not None else None)
+        return SourceReader(image, snapshot.id if snapshot is not None else None)
     except Unsupported as exc:
         raise UsageError(f"--against cannot read {image} directly ({exc}).") from exc
 
 
-def _compare_readers(backup: Qcow2Reader, source: Qcow2Reader, add: Callable[..., bool]) -> None:
+def _compare_readers(backup: SourceReader, source: SourceReader, add: Callable[..., bool]) -> None:
     if backup.virtual_size != source.virtual_size:
         add("content", False, f"disk sizes differ ({backup.virtual_size} vs {source.virtual_size})")
         return
@@ -254,7 +255,7 @@ def _compare_readers(backup: Qcow2Reader, source: Qcow2Reader, add: Callable[...
     add("content", True)
 
 
-def _read_at(reader: Qcow2Reader, offset: int, length: int) -> bytes:
+def _read_at(reader: SourceReader, offset: int, length: int) -> bytes:
     c = reader.cluster_size
     out = bytearray()
     for index in range(offset // c, (offset + length + c - 1) // c):
@@ -268,8 +269,8 @@ def _read_at(reader: Qcow2Reader, offset: int, length: int) -> bytes:
 
 def _compare_qcow2(path: Path, against: Against, add: Callable[..., bool]) -> None:
     try:
-        backup = Qcow2Reader(path, allow_backing=True)
-    except (Unsupported, Malformed, OSError) as exc:
+        backup = SourceReader(path, allow_backing=True)
+    except (Unsupported, QsnapError, OSError) as exc:
         add("content", False, f"cannot read the backup ({exc})")
         return
     with backup, _source_reader(against) as source:
