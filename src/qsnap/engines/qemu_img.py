@@ -204,6 +204,27 @@ def list_snapshots(path: Path | str) -> tuple[Snapshot, ...]:
     return info(path).snapshots
 
 
+READER = "reader"
+
+
+def read_snapshots(path: Path | str) -> tuple[tuple[Snapshot, ...], str]:
+    """The snapshot table and who read it: the qcow2 reader (no process) or, when the reader
+    refuses the file (it is stricter than QEMU on damaged images), `qemu-img info`."""
+    from qsnap.qcow2 import open_image
+
+    try:
+        with open_image(path) as reader:
+            return reader.snapshots(), READER
+    except CorruptImage as reader_error:
+        try:
+            snapshots = list_snapshots(path)
+        except CorruptImage:
+            raise reader_error from None
+        if any(not s.id for s in snapshots):
+            raise reader_error from None  # qemu-img read a truncated table as zeros
+        return snapshots, NAME
+
+
 def create(path: Path | str, name: str) -> None:
     _run(create_argv(path, name), path)
 
@@ -250,7 +271,8 @@ class QemuImgEngine:
         self.path = path
 
     def list_snapshots(self) -> tuple[Snapshot, ...]:
-        return list_snapshots(self.path)
+        # The reader answers without starting a process; qemu-img writes, the reader reads.
+        return read_snapshots(self.path)[0]
 
     def create(self, name: str) -> None:
         create(self.path, name)
@@ -261,7 +283,7 @@ class QemuImgEngine:
 
     def delete(self, snapshot: Snapshot) -> None:
         # -d looks its argument up by name only and takes the first match in table order.
-        current = list_snapshots(self.path)
+        current = self.list_snapshots()
         first = next((s for s in current if s.name == snapshot.name), None)
         if first is not None and first.id == snapshot.id:
             delete(self.path, snapshot.name)

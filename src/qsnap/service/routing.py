@@ -150,28 +150,6 @@ def open_engine(image: Path, ctx: Context, *, write: bool) -> Iterator[Engine]:
                 close()
 
 
-READER = "reader"
-
-
-def read_snapshots(image: Path) -> tuple[tuple[Snapshot, ...], str]:
-    """The snapshot table, read directly by the qcow2 reader (no process); qemu-img when
-    the reader refuses the file (it is stricter than QEMU on damaged images)."""
-    from qsnap.core.errors import CorruptImage
-    from qsnap.qcow2 import open_image
-
-    try:
-        with open_image(image) as reader:
-            return reader.snapshots(), READER
-    except CorruptImage as reader_error:
-        try:
-            snapshots = qemu_img.list_snapshots(image)
-        except CorruptImage:
-            raise reader_error from None
-        if any(not s.id for s in snapshots):
-            raise reader_error from None  # qemu-img read a truncated table as zeros
-        return snapshots, qemu_img.NAME
-
-
 def read_info(image: Path, ctx: Context) -> ImageInfo:
     from qsnap.core.errors import CorruptImage
     from qsnap.qcow2 import open_image

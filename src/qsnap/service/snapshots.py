@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -181,9 +181,7 @@ def list_snapshots(image: str | os.PathLike[str], ctx: Context = DEFAULT_CONTEXT
     path = check_image_file(Path(image).absolute())
     with open_engine(path, ctx, write=False) as engine:
         if engine.name == qemu_img.NAME:
-            from qsnap.service import routing
-
-            snapshots, engine_name = routing.read_snapshots(path)
+            snapshots, engine_name = qemu_img.read_snapshots(path)
         else:
             snapshots, engine_name = engine.list_snapshots(), engine.name
     sidecar = Sidecar.load(path)
@@ -334,6 +332,21 @@ def restore(
     ctx: Context = DEFAULT_CONTEXT,
 ) -> RestoreResult:
     """Revert the image to a snapshot, after taking a safety snapshot of the current state."""
+    with _on_existing_snapshot(image, "restore", name, snapshot_id, ctx) as (path, rec, engine, before, target):
+        from qsnap.service import routing
+
+        return routing.restore(path, engine, target, before, safety=safety, ctx=ctx, rec=rec)
+
+
+@contextlib.contextmanager
+def _on_existing_snapshot(
+    image: str | os.PathLike[str], verb: str, name: str | None, snapshot_id: str | None, ctx: Context
+) -> Iterator[tuple[Path, Any, Engine, tuple[Snapshot, ...], Snapshot]]:
+    """What restore and delete share: the image checked, its lock held, the operation recorded,
+    the engine chosen, the image checked for damage (offline), and NAME resolved to one snapshot.
+
+    Yields (path, audit record, engine, snapshots before, target).
+    """
     from qsnap.service import audit
     from qsnap.service.lock import image_lock
 
@@ -341,8 +354,8 @@ def restore(
         validate_lookup_name(name)
     path = check_image_file(Path(image).absolute())
     label = name or f"ID {snapshot_id}"
-    with image_lock(path, f"restore {label}", ctx.lock_timeout), \
-            audit.recorded(path, "restore", name) as rec, \
+    with image_lock(path, f"{verb} {label}", ctx.lock_timeout), \
+            audit.recorded(path, verb, name) as rec, \
             open_engine(path, ctx, write=True) as engine:
         rec.engine = engine.name
         if engine.name == qemu_img.NAME:
@@ -350,9 +363,8 @@ def restore(
         before = engine.list_snapshots()
         target = resolve_snapshot(before, name, snapshot_id)
         rec.snapshot = target.name
-        from qsnap.service import routing
-
-        return routing.restore(path, engine, target, before, safety=safety, ctx=ctx, rec=rec)
+        rec.details["snapshot_id"] = target.id
+        yield path, rec, engine, before, target
 
 
 def take_safety_snapshot(
@@ -388,23 +400,7 @@ def delete(
     snapshot_id: str | None = None,
     ctx: Context = DEFAULT_CONTEXT,
 ) -> DeleteResult:
-    from qsnap.service import audit
-    from qsnap.service.lock import image_lock
-
-    if name is not None and snapshot_id is None:
-        validate_lookup_name(name)
-    path = check_image_file(Path(image).absolute())
-    label = name or f"ID {snapshot_id}"
-    with image_lock(path, f"delete {label}", ctx.lock_timeout), \
-            audit.recorded(path, "delete", name) as rec, \
-            open_engine(path, ctx, write=True) as engine:
-        rec.engine = engine.name
-        if engine.name == qemu_img.NAME:
-            _preflight_offline(path)  # first: a damaged table must not read as "not found"
-        before = engine.list_snapshots()
-        target = resolve_snapshot(before, name, snapshot_id)
-        rec.snapshot = target.name
-        rec.details["snapshot_id"] = target.id
+    with _on_existing_snapshot(image, "delete", name, snapshot_id, ctx) as (path, _rec, engine, before, target):
         engine.delete(target)
         after = engine.list_snapshots()
         if any(s.id == target.id and s.name == target.name and s.date == target.date for s in after):
@@ -428,13 +424,8 @@ def resolve(image: str | os.PathLike[str], name: str | None, snapshot_id: str | 
         validate_lookup_name(name)
     path = check_image_file(Path(image).absolute())
     with open_engine(path, ctx, write=False) as engine:
-        if engine.name == qemu_img.NAME:
-            from qsnap.service import routing
-
-            snapshots, _ = routing.read_snapshots(path)  # strict: a damaged table is exit 10
-        else:
-            snapshots = engine.list_snapshots()
-        return path, resolve_snapshot(snapshots, name, snapshot_id)
+        # Offline this is the strict reader: a damaged table is exit 10, never "not found".
+        return path, resolve_snapshot(engine.list_snapshots(), name, snapshot_id)
 
 
 __all__ = [
