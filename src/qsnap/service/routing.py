@@ -206,7 +206,7 @@ def restore(
         controller.stop()
         _wait_unlocked(path)
         qemu_img.apply(path, target.id)
-        after = qemu_img.list_snapshots(path)
+        after = qemu_img.read_snapshots(path)[0]
         controller.start()
         engine_name = f"{engine.name}+qemu-img"
         warnings.append(f"the VM was stopped ({controller.name}), reverted offline and started again")
@@ -216,13 +216,12 @@ def restore(
 
 
 def _wait_unlocked(path: Path, timeout: float = 30.0) -> None:
-    """After stopping a VM, wait until QEMU has released the image's locks."""
+    """After stopping a VM, wait until QEMU has released the image's locks (asked of the
+    kernel, no process per try)."""
+    from qsnap.service.image import image_held
+
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            qemu_img.check(path)
-            return
-        except ImageInUse:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    while image_held(path):
+        if time.monotonic() > deadline:
+            raise ImageInUse(f"{path} is still held {timeout:g} s after the VM was stopped.")
+        time.sleep(0.05)
