@@ -172,3 +172,78 @@ def test_decompression_output_is_bounded_and_cuts_are_caught(kind: str) -> None:
     for cut in (len(blob) - 1, len(blob) // 2):
         with pytest.raises(ValueError, match="truncated"):
             list(decompress(chunks(blob[:cut])))
+
+
+def _zstd(data: bytes, block: int = 256 << 10) -> bytes:
+    from qsnap.backup.streams import ZstdWriter
+
+    out = io.BytesIO()
+    writer = ZstdWriter(out, 3, threads=2, block=block)
+    for k in range(0, len(data), 70_001):  # frames do not align with writes
+        writer.write(data[k : k + 70_001])
+    writer.close()
+    return out.getvalue()
+
+
+def _zstd_frames(blob: bytes) -> list[int]:
+    """The compressed sizes announced by the pzstd size frames, checked against the stream."""
+    import struct
+
+    sizes, at = [], 0
+    while at < len(blob):
+        magic, length, size = struct.unpack_from("<III", blob, at)
+        assert (magic, length) == (0x184D2A50, 4)
+        sizes.append(size)
+        at += 12 + size
+    assert at == len(blob)
+    return sizes
+
+
+def test_zstd_frames_are_independent_announced_and_read_by_the_zstd_cli(tmp_path: Path) -> None:
+    import zstandard
+
+    data = _payload()
+    blob = _zstd(data)
+    assert len(_zstd_frames(blob)) > 3
+    path = tmp_path / "x.zst"
+    path.write_bytes(blob)
+    assert subprocess.run(["zstd", "-d", "-c", str(path)], check=True, capture_output=True).stdout == data
+    # each frame says how much it holds: one block, give or take the write that completed it
+    assert 256 << 10 <= zstandard.frame_content_size(blob[12:]) < (256 << 10) + 70_001
+
+
+def test_parallel_unzstd_matches_and_falls_back_for_foreign_zstd() -> None:
+    import zstandard
+
+    from qsnap.backup.streams import parallel_unzstd
+
+    data = _payload()
+    ours = _zstd(data)
+    assert b"".join(parallel_unzstd(io.BytesIO(ours).read, threads=2)) == data
+    # one frame of unknown size, as `zstd` writes from a pipe: the sequential path
+    cobj = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    foreign = cobj.compress(data) + cobj.flush()
+    assert zstandard.frame_content_size(foreign) == -1
+    assert b"".join(parallel_unzstd(io.BytesIO(foreign).read)) == data
+    mixed = ours + foreign  # switches to the sequential path midway
+    assert b"".join(parallel_unzstd(io.BytesIO(mixed).read, threads=2)) == data + data
+
+
+@pytest.mark.parametrize("where", ["size frame", "frame body", "checksum", "cut in a frame", "cut after a size frame"])
+def test_parallel_unzstd_rejects_damage(where: str) -> None:
+    from qsnap.backup.streams import parallel_unzstd
+
+    blob = bytearray(_zstd(_payload()))
+    first = _zstd_frames(bytes(blob))[0]
+    if where == "size frame":
+        blob[8] ^= 0x01  # the announced length of the first frame
+    elif where == "frame body":
+        blob[12 + first // 2] ^= 0x10
+    elif where == "checksum":
+        blob[12 + first - 1] ^= 0x01  # the frame's content checksum
+    elif where == "cut in a frame":
+        del blob[-10:]
+    else:
+        blob = blob[: 12 + first + 12]
+    with pytest.raises(ValueError):
+        b"".join(parallel_unzstd(io.BytesIO(bytes(blob)).read, threads=2))

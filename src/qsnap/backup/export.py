@@ -44,9 +44,9 @@ from qsnap.backup.partial import (
     no_space_error,
     partial_path,
 )
-from qsnap.backup.qcow2stream import Layout, write_blocks
+from qsnap.backup.qcow2stream import Layout, write_blocks, write_skipping_zeros
 from qsnap.backup.source import COMPRESSED_DATA, DATA, SourceReader, Unsupported
-from qsnap.backup.streams import AsyncHash, HashingWriter, ParallelGzipWriter, ZstdWriter, prefetch
+from qsnap.backup.streams import AsyncHash, HashingWriter, ParallelGzipWriter, ZstdWriter, prefetch, sha256_fd
 from qsnap.core.errors import ImageError, OutputExists, QsnapError, UsageError
 from qsnap.core.fsutil import atomic_write_bytes
 from qsnap.core.models import Snapshot
@@ -119,11 +119,10 @@ def export_snapshot(
         info: dict[str, Any] = {}
         try:
             if form == "qcow2" and base is None and reader is not None and not compress and encrypt is None:
-                # The compact writer: one read of the data, hashed while written (no re-read).
+                # The compact writer: one read of the data, zero clusters left out (as qemu-img
+                # convert does), hashed from the page cache while the fsync runs.
                 method = "stream"
-                sha, payload_sha, payload_size = _export_stream(
-                    image, snapshot_id, reader, output, form, 0, None, progress, info
-                )
+                sha, payload_sha, payload_size = _export_qcow2(reader, output, progress, info)
             elif form in ("qcow2", "raw") and base is None:
                 method = "qemu-img"
                 sha, payload_sha, payload_size = _export_qemu_img(
@@ -389,6 +388,76 @@ def _stream_from_reader(
     needed = layout.file_size + MARGIN if form == "qcow2" else _estimate_compressed(reader, layout.file_size)
     check_space(output.parent, needed, f"the backup {output.name}")
     return _write_layout(layout, prefetch(reader.iter_blocks(indices)), output, form, level, encrypt, progress)
+
+
+def _export_qcow2(
+    reader: SourceReader, output: Path, progress: Progress | None, info: dict[str, Any]
+) -> tuple[str, str, int]:
+    """A plain .qcow2 backup (canonical qsnap layout) without its zero clusters.
+
+    Data first, metadata last (:func:`write_skipping_zeros`), so the file's sha256 cannot be
+    taken while writing: it is taken by re-reading the file (from the page cache) on one
+    thread while another fsyncs it, which the durable rename needs anyway and which on most
+    disks takes longer than the hash.
+    """
+    indices = list(reader.mapping.data_indices())
+    planned = Layout(reader.cluster_size, reader.virtual_size, indices, [])
+    info.update(layout="qsnap-stream-v1", virtual_size=reader.virtual_size, cluster_size=reader.cluster_size,
+                data_offset=planned.data_offset, allocated=len(indices) * reader.cluster_size)
+    check_space(output.parent, planned.file_size + MARGIN, f"the backup {output.name}")
+    warnings: list[str] = []
+    # progress: the data pass, then the hash pass over the (smaller) final file
+    total = 2 * planned.file_size
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(min(done, total), total)
+
+    with PartialFile(output, warnings) as part:
+        writeback = FdWriter(part.fd, writeback=True)
+
+        def written(n: int) -> None:
+            writeback.note_written(n)
+            tick(n)
+
+        final = write_skipping_zeros(planned, prefetch(reader.iter_blocks(indices)), part.fd, written)
+        tick(planned.data_offset)
+        scale = planned.file_size / max(1, final.file_size)
+        syncer = _Background(os.fsync, part.fd)
+        sha = sha256_fd(part.fd, final.file_size, lambda n: tick(int(n * scale)))
+        syncer.result()
+        if progress is not None:
+            progress(total, total)
+        part.commit()
+    info["data_offset"] = final.data_offset
+    info["stored"] = len(final.data_indices) * reader.cluster_size
+    return sha, sha, final.file_size
+
+
+class _Background:
+    """FN(*ARGS) on a thread; :meth:`result` waits and re-raises its error."""
+
+    def __init__(self, fn: Callable[..., object], *args: object) -> None:
+        import threading
+
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # re-raised by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="qsnap-fsync", daemon=True)
+        self._thread.start()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _write_layout(

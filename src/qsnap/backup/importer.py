@@ -9,15 +9,15 @@ no VM holds the image.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qsnap.backup import qemu
 from qsnap.backup.model import ImportResult, load_manifest
 from qsnap.backup.partial import FdWriter, PartialFile, check_space, is_no_space, no_space_error
-from qsnap.backup.streams import gunzip_chunks, iter_file, parallel_gunzip, unzstd_chunks
+from qsnap.backup.streams import AsyncHash, ChunkReader, parallel_gunzip, parallel_unzstd
 from qsnap.backup.verify import verify_backup
 from qsnap.core.errors import VerificationFailed
 from qsnap.core.fsutil import fsync_dir
@@ -39,27 +39,18 @@ def import_backup(backup: Path, image: Path, *, passphrase: str | None = None) -
         with contextlib.ExitStack() as stack:
             part = stack.enter_context(PartialFile(image, warnings, mode=mode))
             if form in ("qcow2.gz", "qcow2.zst"):
-                digest = hashlib.sha256()
-                out = FdWriter(part.fd)
-                decompress = gunzip_chunks if form == "qcow2.gz" else unzstd_chunks
-
-                def write(block: bytes) -> None:
-                    digest.update(block)
-                    out.write(block)
-
+                digest = stack.enter_context(AsyncHash("qsnap-import-sha256"))
+                out = FdWriter(part.fd, writeback=True)
                 with open(backup, "rb") as handle:
+                    read: Callable[[int], bytes] = handle.read
                     if manifest.get("encryption"):
                         from qsnap.backup.agecrypt import decrypted_chunks
 
                         assert passphrase is not None
-                        for block in decompress(decrypted_chunks(handle, passphrase)):
-                            write(block)
-                    elif form == "qcow2.gz":
-                        for block in parallel_gunzip(handle.read):
-                            write(block)
-                    else:
-                        for block in decompress(iter_file(handle)):
-                            write(block)
+                        read = ChunkReader(decrypted_chunks(handle, passphrase)).read
+                    for block in (parallel_gunzip if form == "qcow2.gz" else parallel_unzstd)(read):
+                        digest.update(block)
+                        out.write(block)
                 if digest.hexdigest() != payload.get("sha256"):
                     raise VerificationFailed(f"The qcow2 unpacked from {backup} does not match its manifest.")
             else:

@@ -111,6 +111,14 @@ class FdWriter:
             self._flushed = self.written
         return len(data)
 
+    def note_written(self, n: int) -> None:
+        """Account for about N bytes written to the fd by someone else (pwritev, anywhere):
+        every WRITEBACK_EVERY of them, start the writeback of the whole file's dirty pages."""
+        self.written += n
+        if self._sync_range is not None and self.written - self._flushed >= WRITEBACK_EVERY:
+            self._sync_range(self.fd, 0, 0)  # 0, 0: from the start to the end of the file
+            self._flushed = self.written
+
     def flush(self) -> None:
         pass
 

@@ -18,6 +18,7 @@ module only writes qsnap's own stream layout and checks it (its header is parsed
 
 from __future__ import annotations
 
+import os
 import struct
 from array import array
 from bisect import bisect_left
@@ -66,6 +67,9 @@ class Layout:
     data_indices: Sequence[int]  # guest clusters with data, ascending
     zero_indices: Sequence[int]  # guest clusters that must read as zero (incrementals), ascending
     backing_file: str | None = None
+    # The geometry of a larger layout to keep (same L2 tables and refcount blocks, so the same
+    # data_offset): the layout of clusters found to be zeros after their room was planned.
+    reserve: Layout | None = None
     l1_size: int = 0
     l1_clusters: int = 0
     rt_clusters: int = 0
@@ -81,6 +85,15 @@ class Layout:
         used = {i // per_l2 for i in self.data_indices} | {i // per_l2 for i in self.zero_indices}
         self.l2_tables = sorted(used)
         fixed = 1 + self.l1_clusters + len(self.l2_tables) + len(self.data_indices)
+        if self.reserve is not None:
+            r = self.reserve
+            if (r.cluster_size, r.virtual_size) != (c, self.virtual_size) or not used <= set(r.l2_tables):
+                raise ValueError("the reserved layout does not cover this one")
+            self.l2_tables = list(r.l2_tables)
+            self.rb_clusters, self.rt_clusters = r.rb_clusters, r.rt_clusters
+            self.total_clusters = 1 + self.l1_clusters + len(self.l2_tables) + len(self.data_indices) \
+                + self.rb_clusters + self.rt_clusters
+            return
         per_rb = c // 2  # 16-bit refcounts
         rb, rt = 1, 1
         while True:
@@ -240,6 +253,88 @@ def write_blocks(
     if clusters != len(layout.data_indices):
         raise ValueError("fewer data clusters than the layout expects")
     return written
+
+
+def write_skipping_zeros(
+    planned: Layout,
+    blocks: Iterable[tuple[int, bytes]],
+    fd: int,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Layout:
+    """Write PLANNED's data clusters to the seekable FD, leaving out those that hold only zeros,
+    then the metadata of what was kept; return that final layout.
+
+    Data goes first (from ``planned.data_offset``, packed in guest order), metadata last, at
+    offset 0: the metadata depends on which clusters turned out to be zeros, and reading the
+    source twice to learn that first would cost a full extra read. The final layout keeps the
+    planned L2 tables and refcount blocks, so its data starts where the data was written and
+    the file stays canonical (:class:`StreamChecker` accepts it). Blocks are (cluster count,
+    bytes) in ``planned.data_indices`` order, as :meth:`SourceReader.iter_blocks` yields them.
+    """
+    c = planned.cluster_size
+    indices = planned.data_indices
+    zero = bytes(c)
+    kept = array("q")
+    pos = planned.data_offset
+    k = 0
+    for count, data in blocks:
+        if len(data) != count * c:
+            raise ValueError(f"a block of {count} clusters has {len(data)} bytes")
+        if k + count > len(indices):
+            raise ValueError("more data clusters than the layout expects")
+        view = memoryview(data)
+        parts: list[memoryview] = []
+        run = -1  # start (in clusters) of the current run of non-zero clusters in this block
+        for j in range(count):
+            start = j * c
+            # cheap test first: most data clusters do not start with a zero byte
+            if view[start] == 0 and data[start : start + c] == zero:
+                if run >= 0:
+                    parts.append(view[run * c : start])
+                    run = -1
+                continue
+            kept.append(indices[k + j])
+            if run < 0:
+                run = j
+        if run >= 0:
+            parts.append(view[run * c : count * c])
+        k += count
+        if parts:
+            pos += _pwritev_all(fd, parts, pos)
+        if on_bytes:
+            on_bytes(count * c)
+    if k != len(indices):
+        raise ValueError("fewer data clusters than the layout expects")
+    final = Layout(c, planned.virtual_size, kept, [], planned.backing_file, reserve=planned)
+    assert final.data_offset == planned.data_offset and final.file_size == pos
+    meta_pos = 0
+    for chunk in final.metadata():
+        meta_pos += _pwritev_all(fd, [memoryview(chunk)], meta_pos)
+    return final
+
+
+def _pwritev_all(fd: int, parts: list[memoryview], offset: int) -> int:
+    """Write all of PARTS at OFFSET (pwritev may write less than asked); return the byte count."""
+    total = 0
+    for first in range(0, len(parts), _IOV_MAX):
+        group = parts[first : first + _IOV_MAX]
+        size = sum(len(p) for p in group)
+        done = 0
+        while done < size:
+            n = os.pwritev(fd, group, offset + total + done)
+            if n <= 0:
+                raise OSError(f"pwritev wrote {n} bytes")
+            done += n
+            while group and n >= len(group[0]):
+                n -= len(group[0])
+                group = group[1:]
+            if n:
+                group = [group[0][n:], *group[1:]]
+        total += size
+    return total
+
+
+_IOV_MAX = 512  # below Linux's 1024
 
 
 # --------------------------------------------------------------------------- the checker

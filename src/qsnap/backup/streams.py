@@ -1,4 +1,4 @@
-"""Byte streams for backups: parallel gzip, multithreaded zstd, hashing, decompression.
+"""Byte streams for backups: parallel gzip and zstd, hashing, decompression.
 
 Parallel gzip: the input is cut into blocks, each compressed in a thread (zlib-ng releases
 the GIL) as an independent gzip member; RFC 1952 section 2.2 says a gzip file is a series
@@ -7,6 +7,11 @@ FEXTRA subfield ``QS`` (RFC 1952 section 2.3.1.1, like BGZF's ``BC``), which ``g
 ignores and which lets :func:`parallel_gunzip` hand whole members to decompression threads.
 A member without it (any other gzip file) is decompressed sequentially. Memory stays bounded
 by the number of blocks in flight.
+
+Parallel zstd works the same way: independent frames of ZSTD_BLOCK input each, each after
+pzstd's skippable size frame (RFC 8878 section 3.1.2: decoders skip skippable frames), so
+:func:`parallel_unzstd` decompresses whole frames on threads; any other zstd stream is read
+sequentially.
 
 Hashing runs on background threads (:class:`AsyncHash`; hashlib releases the GIL on large
 buffers), so the thread moving the bytes never waits for sha256.
@@ -18,6 +23,7 @@ the standard ``zlib`` otherwise. All produce/read plain gzip.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import queue
@@ -28,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import ModuleType
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -167,18 +173,18 @@ def _gzip_member(parts: list[bytes | memoryview], level: int, lib: ModuleType) -
     return head, body, struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
 
 
-class ParallelGzipWriter:
-    """Write a gzip stream made of independently compressed members, one per block."""
+class _ParallelBlocks:
+    """Cut the input into BLOCK-sized pieces, encode each on a thread pool (ENCODE gets the
+    piece as a list of buffers and returns the bytes to write), write the results in order."""
 
-    def __init__(self, target: Writable, level: int = 6, threads: int | None = None,
-                 block: int = GZIP_BLOCK) -> None:
+    def __init__(self, target: Writable, encode: Callable[[list[bytes | memoryview]], tuple[bytes, ...]],
+                 threads: int | None, block: int, name: str) -> None:
         self.target = target
-        self.level = level
-        self.lib = deflate_lib()
+        self.encode = encode
         self.threads = threads or default_threads()
         self.block = block
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="qsnap-gzip")
-        self.pending: deque[Future[tuple[bytes, bytes, bytes]]] = deque()
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix=name)
+        self.pending: deque[Future[tuple[bytes, ...]]] = deque()
         self.parts: list[bytes | memoryview] = []
         self.buffered = 0
 
@@ -201,11 +207,11 @@ class ParallelGzipWriter:
 
     def _submit(self) -> None:
         parts, self.parts, self.buffered = self.parts, [], 0
-        self.pending.append(self.pool.submit(_gzip_member, parts, self.level, self.lib))
+        self.pending.append(self.pool.submit(self.encode, parts))
         while len(self.pending) > 2 * self.threads:
             self._emit(self.pending.popleft())
 
-    def _emit(self, fut: Future[tuple[bytes, bytes, bytes]]) -> None:
+    def _emit(self, fut: Future[tuple[bytes, ...]]) -> None:
         for piece in fut.result():
             self.target.write(piece)
 
@@ -225,26 +231,48 @@ class ParallelGzipWriter:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class ZstdWriter:
-    """Multithreaded zstandard (all cores) writing one frame into TARGET."""
+class ParallelGzipWriter(_ParallelBlocks):
+    """Write a gzip stream made of independently compressed members, one per block."""
 
-    def __init__(self, target: Writable, level: int = 3, threads: int = -1) -> None:
-        import zstandard
+    def __init__(self, target: Writable, level: int = 6, threads: int | None = None,
+                 block: int = GZIP_BLOCK) -> None:
+        lib = deflate_lib()
+        super().__init__(target, lambda parts: _gzip_member(parts, level, lib), threads, block, "qsnap-gzip")
 
-        cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)  # like the zstd CLI
-        self.writer: Any = cctx.stream_writer(
-            target, closefd=False, write_size=1 << 20  # type: ignore[arg-type]
-        )
 
-    def write(self, data: bytes | memoryview) -> int:
-        self.writer.write(data)
-        return len(data)
+# pzstd's convention (zstd's contrib/pzstd): before each frame, a skippable frame (magic
+# 0x184D2A50, 4 bytes of content) holding the compressed size of the frame that follows.
+ZSTD_SKIPPABLE_MAGIC = 0x184D2A50
+ZSTD_BLOCK = 8 << 20
+ZSTD_MAX_FRAME = 64 << 20  # frames whose header declares more content are read sequentially
+_ZSTD_SIZE_FRAME = struct.Struct("<III")
 
-    def close(self) -> None:
-        self.writer.flush(__import__("zstandard").FLUSH_FRAME)
 
-    def abort(self) -> None:
-        pass
+def _zstd_frame(parts: list[bytes | memoryview], level: int, local: threading.local) -> tuple[bytes, ...]:
+    """One zstd frame (content size and checksum in it) for the concatenated PARTS, after the
+    skippable frame that gives its length."""
+    import zstandard
+
+    cctx = getattr(local, "cctx", None)
+    if cctx is None:
+        cctx = local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    comp = cctx.compressobj(size=sum(len(p) for p in parts))
+    pieces = [comp.compress(part) for part in parts]
+    pieces.append(comp.flush())
+    body = b"".join(pieces)
+    return _ZSTD_SIZE_FRAME.pack(ZSTD_SKIPPABLE_MAGIC, 4, len(body)), body
+
+
+class ZstdWriter(_ParallelBlocks):
+    """Write a zstandard stream of independent frames (one per ZSTD_BLOCK of input, each
+    compressed on its own thread, all cores), each preceded by pzstd's size frame, so that
+    :func:`parallel_unzstd` can decompress them in parallel too. ``zstd -d`` reads it as any
+    multi-frame stream (RFC 8878 section 3.1: frames are concatenated; skippable frames skipped)."""
+
+    def __init__(self, target: Writable, level: int = 3, threads: int | None = None,
+                 block: int = ZSTD_BLOCK) -> None:
+        local = threading.local()
+        super().__init__(target, lambda parts: _zstd_frame(parts, level, local), threads, block, "qsnap-zstd")
 
 
 def prefetch(items: Iterator[T], depth: int = 3) -> Iterator[T]:
@@ -286,6 +314,27 @@ def prefetch(items: Iterator[T], depth: int = 3) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
+
+
+def sha256_fd(fd: int, size: int, on_bytes: Callable[[int], None] | None = None, chunk: int = 4 << 20) -> str:
+    """The sha256 of the first SIZE bytes of FD, read with preadv on a read-ahead thread."""
+
+    def chunks() -> Iterator[bytes]:
+        offset = 0
+        while offset < size:
+            buf = bytearray(min(chunk, size - offset))
+            got = os.preadv(fd, [buf], offset)
+            if got != len(buf):
+                raise OSError(f"short read at {offset} while hashing the backup")
+            offset += got
+            yield cast(bytes, buf)
+
+    digest = hashlib.sha256()
+    for block in prefetch(chunks()):
+        digest.update(block)
+        if on_bytes is not None:
+            on_bytes(len(block))
+    return digest.hexdigest()
 
 
 class ChunkReader:
@@ -367,32 +416,24 @@ def _inflate_member(head: bytes, body: bytes, lib: ModuleType) -> bytes:
     return bytes(out)
 
 
-def parallel_gunzip(read: Callable[[int], bytes], threads: int | None = None) -> Iterator[bytes]:
-    """Decompress the gzip stream READ returns (``read(n)`` like a file), members in parallel.
+Job = Callable[[], bytes] | Iterator[bytes]
 
-    Members carrying a QS length (qsnap's) are decompressed on a thread pool, yielded in order;
-    from the first member without one, the rest is decompressed sequentially. ValueError on
-    damage or truncation.
-    """
-    lib = inflate_lib()
+
+def _in_order(jobs: Iterator[Job], threads: int | None, name: str) -> Iterator[bytes]:
+    """Run the callables of JOBS on a thread pool (2 x threads in flight) and yield their
+    results in order; an iterator among JOBS is yielded from, in its place, once everything
+    before it is out. Closing this generator cancels what has not started."""
     threads = threads or default_threads()
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="qsnap-gunzip")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
     pending: deque[Future[bytes]] = deque()
     try:
-        while True:
-            head = read(GZ_HEAD_SIZE)
-            if not head:
-                break
-            total = member_size(head)
-            if total is None or not GZ_HEAD_SIZE + 8 <= total <= GZIP_MAX_MEMBER:
+        for job in jobs:
+            if not callable(job):
                 while pending:
                     yield pending.popleft().result()
-                yield from gunzip_chunks(_chain_reads(head, read))
-                return
-            body = read(total - GZ_HEAD_SIZE)
-            if len(body) < total - GZ_HEAD_SIZE:
-                raise ValueError("gzip stream is truncated")
-            pending.append(pool.submit(_inflate_member, head, body, lib))
+                yield from job
+                continue
+            pending.append(pool.submit(job))
             while len(pending) > 2 * threads:
                 yield pending.popleft().result()
         while pending:
@@ -401,6 +442,29 @@ def parallel_gunzip(read: Callable[[int], bytes], threads: int | None = None) ->
         for fut in pending:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def parallel_gunzip(read: Callable[[int], bytes], threads: int | None = None) -> Iterator[bytes]:
+    """Decompress the gzip stream READ returns (``read(n)`` like a file), members in parallel.
+
+    Members carrying a QS length (qsnap's) are decompressed on a thread pool, yielded in order;
+    from the first member without one, the rest is decompressed sequentially. ValueError on
+    damage or truncation.
+    """
+    lib = inflate_lib()
+
+    def jobs() -> Iterator[Job]:
+        while head := read(GZ_HEAD_SIZE):
+            total = member_size(head)
+            if total is None or not GZ_HEAD_SIZE + 8 <= total <= GZIP_MAX_MEMBER:
+                yield gunzip_chunks(_chain_reads(head, read))
+                return
+            body = read(total - GZ_HEAD_SIZE)
+            if len(body) < total - GZ_HEAD_SIZE:
+                raise ValueError("gzip stream is truncated")
+            yield functools.partial(_inflate_member, head, body, lib)
+
+    return _in_order(jobs(), threads, "qsnap-gunzip")
 
 
 def _chain_reads(first: bytes, read: Callable[[int], bytes]) -> Iterator[bytes]:
@@ -462,6 +526,51 @@ class ZstdFrameWalker:
     def finish(self) -> None:
         if self.need or self.buf or self.state != "frame":
             raise ValueError("zstd stream is truncated")
+
+
+def _unzstd_frame(frame: bytes, size: int) -> bytes:
+    import zstandard
+
+    try:
+        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd data is damaged: {exc}") from exc
+    if len(out) != size:
+        raise ValueError("zstd frame is damaged (its content size does not match)")
+    return bytes(out)
+
+
+def parallel_unzstd(read: Callable[[int], bytes], threads: int | None = None) -> Iterator[bytes]:
+    """Decompress the zstd stream READ returns (``read(n)`` like a file), frames in parallel.
+
+    Frames announced by pzstd's size frame (qsnap's, pzstd's) whose header gives a content
+    size up to ZSTD_MAX_FRAME are decompressed on a thread pool and yielded in order; from the
+    first other frame on, the rest is decompressed sequentially (:func:`unzstd_chunks`).
+    ValueError on damage or truncation.
+    """
+    import zstandard
+
+    def jobs() -> Iterator[Job]:
+        while head := read(_ZSTD_SIZE_FRAME.size):
+            magic, length, frame_size = (
+                _ZSTD_SIZE_FRAME.unpack(head) if len(head) == _ZSTD_SIZE_FRAME.size else (0, 0, 0)
+            )
+            if magic != ZSTD_SKIPPABLE_MAGIC or length != 4 or frame_size > ZSTD_MAX_FRAME + (1 << 20):
+                yield unzstd_chunks(_chain_reads(head, read))
+                return
+            frame = read(frame_size)
+            if len(frame) < frame_size or not frame_size:
+                raise ValueError("zstd stream is truncated")
+            try:
+                size = zstandard.frame_content_size(frame)
+            except zstandard.ZstdError as exc:
+                raise ValueError(f"zstd data is damaged: {exc}") from exc
+            if 0 <= size <= ZSTD_MAX_FRAME:  # -1: unknown
+                yield functools.partial(_unzstd_frame, frame, size)
+            else:
+                yield unzstd_chunks([frame])
+
+    return _in_order(jobs(), threads, "qsnap-unzstd")
 
 
 def unzstd_chunks(chunks: Iterable[bytes], out_size: int = READ_CHUNK) -> Iterator[bytes]:

@@ -20,12 +20,14 @@ from typing import Any
 from qsnap.backup import qemu
 from qsnap.backup.model import Check, VerifyReport, load_manifest
 from qsnap.backup.qcow2stream import Malformed, StreamChecker
-from qsnap.backup.source import DATA, SourceReader, Unsupported
-from qsnap.backup.streams import READ_CHUNK, AsyncHash, ChunkReader, iter_file, parallel_gunzip, unzstd_chunks
+from qsnap.backup.source import COMPRESSED_DATA, DATA, UNALLOCATED, ZERO, SourceReader, Unsupported
+from qsnap.backup.streams import AsyncHash, ChunkReader, iter_file, parallel_gunzip, parallel_unzstd
 from qsnap.core.errors import QsnapError, UsageError, VerificationFailed
 from qsnap.core.models import Snapshot
 
 Against = tuple[Path, Snapshot | None]
+DATA_KIND, COMPRESSED_KIND = bytes((DATA,)), bytes((COMPRESSED_DATA,))
+UNALLOCATED_KIND, ZERO_KIND = bytes((UNALLOCATED,)), bytes((ZERO,))
 
 
 def verify_backup(
@@ -152,7 +154,7 @@ def _verify_stream(
     with AsyncHash("qsnap-file-sha256") as file_hash, AsyncHash("qsnap-payload-sha256") as payload_hash:
 
         def consume(read: Callable[[int], bytes]) -> None:
-            blocks = parallel_gunzip(read) if gzip else unzstd_chunks(iter(lambda: read(READ_CHUNK), b""))
+            blocks = parallel_gunzip(read) if gzip else parallel_unzstd(read)
             for block in blocks:
                 payload_hash.update(block)
                 checker.feed(block)
@@ -240,31 +242,66 @@ def _source_reader(against: Against) -> SourceReader:
         raise UsageError(f"--against cannot read {image} directly ({exc}).") from exc
 
 
+COMPARE_BLOCK = 4 << 20
+
+
+def _reads_as_zeros(reader: SourceReader, first: int, last: int) -> bool:
+    """Whether guest clusters [FIRST, LAST) of READER read as zeros without any I/O."""
+    kinds = reader.mapping.kinds
+    if kinds.find(DATA_KIND, first, last) >= 0 or kinds.find(COMPRESSED_KIND, first, last) >= 0:
+        return False
+    return not reader.has_backing or kinds.find(UNALLOCATED_KIND, first, last) < 0
+
+
+def _guest_block(reader: SourceReader, offset: int, length: int, into: bytearray | None = None) -> bytearray:
+    """LENGTH guest bytes at OFFSET, into INTO when given (reused: fresh buffers cost page faults)."""
+    if into is None or len(into) != length:
+        into = bytearray(length)
+    elif not _fully_mapped(reader, offset, length):  # readinto leaves unmapped bytes as they are
+        into[:] = _zeros(length)
+    reader.image.readinto(offset, into, reader.state)
+    return into
+
+
+def _fully_mapped(reader: SourceReader, offset: int, length: int) -> bool:
+    """Whether every cluster of the guest range holds data (so reading it overwrites every byte)."""
+    c = reader.cluster_size
+    first, last = offset // c, -(-(offset + length) // c)
+    kinds = reader.mapping.kinds
+    return (offset + length <= reader.virtual_size and kinds.find(UNALLOCATED_KIND, first, last) < 0
+            and kinds.find(ZERO_KIND, first, last) < 0)
+
+
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(length: int) -> bytes:
+    if length not in _ZEROS:
+        _ZEROS.clear()
+        _ZEROS[length] = bytes(length)
+    return _ZEROS[length]
+
+
 def _compare_readers(backup: SourceReader, source: SourceReader, add: Callable[..., bool]) -> None:
+    """Compare the guest content of two readers in COMPARE_BLOCK pieces; pieces that both
+    mappings say read as zeros are not read at all."""
     if backup.virtual_size != source.virtual_size:
         add("content", False, f"disk sizes differ ({backup.virtual_size} vs {source.virtual_size})")
         return
-    c = source.cluster_size
-    step = backup.cluster_size
-    for offset in range(0, source.virtual_size, max(c, step)):
-        mine = _read_at(backup, offset, max(c, step))
-        theirs = _read_at(source, offset, max(c, step))
+    size = source.virtual_size
+    block = max(COMPARE_BLOCK, source.cluster_size, backup.cluster_size)
+    mine = theirs = None
+    for offset in range(0, size, block):
+        length = min(block, size - offset)
+        if all(_reads_as_zeros(r, offset // r.cluster_size, -(-(offset + length) // r.cluster_size))
+               for r in (backup, source)):
+            continue
+        mine, theirs = _guest_block(backup, offset, length, mine), _guest_block(source, offset, length, theirs)
         if mine != theirs:
-            add("content", False, f"content differs from the source at byte {offset}")
+            at = next(k for k in range(length) if mine[k] != theirs[k])
+            add("content", False, f"content differs from the source at byte {offset + at}")
             return
     add("content", True)
-
-
-def _read_at(reader: SourceReader, offset: int, length: int) -> bytes:
-    c = reader.cluster_size
-    out = bytearray()
-    for index in range(offset // c, (offset + length + c - 1) // c):
-        if index >= reader.mapping.cluster_count:
-            break
-        data = reader.read_cluster(index)
-        out += data if data is not None else bytes(c)
-    skip = offset % c
-    return bytes(out[skip : skip + length]).rstrip(b"\0")
 
 
 def _compare_qcow2(path: Path, against: Against, add: Callable[..., bool]) -> None:
@@ -278,26 +315,41 @@ def _compare_qcow2(path: Path, against: Against, add: Callable[..., bool]) -> No
 
 
 def _compare_raw(path: Path, against: Against, add: Callable[..., bool]) -> None:
-    with _source_reader(against) as source, open(path, "rb") as handle:
+    with _source_reader(against) as source, open(path, "rb", buffering=0) as handle:
+        size = source.virtual_size
         c = source.cluster_size
-        for index in range(source.mapping.cluster_count):
-            mine = handle.read(c).rstrip(b"\0")
-            theirs = (source.read_cluster(index) or b"").rstrip(b"\0")
-            if mine != theirs:
-                add("content", False, f"content differs from the source at byte {index * c}")
+        mine = bytearray(COMPARE_BLOCK)
+        theirs: bytearray | None = None
+        for offset in range(0, size, COMPARE_BLOCK):
+            length = min(COMPARE_BLOCK, size - offset)
+            if len(mine) != length:
+                mine = bytearray(length)
+            got = handle.readinto(mine)
+            if _reads_as_zeros(source, offset // c, -(-(offset + length) // c)):
+                expected: bytes | bytearray = _zeros(length)
+            else:
+                expected = theirs = _guest_block(source, offset, length, theirs)
+            if got != length or mine != expected:
+                at = next((k for k in range(got) if mine[k] != expected[k]), got)
+                add("content", False, f"content differs from the source at byte {offset + at}")
                 return
+        if handle.read(1):
+            add("content", False, f"the raw backup is longer than the source disk ({size} bytes)")
+            return
     add("content", True)
 
 
 class _StreamComparer:
-    """Compare the data clusters of a stream, as they go by, with the source snapshot."""
+    """Compare the data clusters of a stream, as they go by, with the source snapshot
+    (runs of guest-consecutive clusters are compared a block at a time)."""
 
     def __init__(self, against: Against) -> None:
         self.source = _source_reader(against)
         self.buf = bytearray()
         self.index = 0
         self.mismatch: str | None = None
-        self.seen: set[int] = set()
+        self.seen = bytearray(self.source.mapping.cluster_count)
+        self.theirs: bytearray | None = None
         self.checker: StreamChecker | None = None
 
     def on_data(self, pos: int, data: bytes) -> None:
@@ -305,18 +357,36 @@ class _StreamComparer:
             return
         self.buf += data
         c = self.source.cluster_size
-        while len(self.buf) >= c:
-            block, self.buf = bytes(self.buf[:c]), self.buf[c:]
-            self._compare(block)
-
-    def _compare(self, block: bytes) -> None:
+        n = len(self.buf) // c
+        if not n:
+            return
         assert self.checker is not None
-        guest = self.checker.result.guest_of_data[self.index]
-        self.index += 1
-        self.seen.add(guest)
-        theirs = self.source.read_cluster(guest) if guest < self.source.mapping.cluster_count else None
-        if block.rstrip(b"\0") != (theirs or b"").rstrip(b"\0"):
-            self.mismatch = f"content differs from the source in guest cluster {guest}"
+        guests = self.checker.result.guest_of_data
+        view = memoryview(self.buf)
+        k = 0
+        while k < n and self.mismatch is None:
+            first = guests[self.index + k]
+            j = k + 1
+            while j < n and guests[self.index + j] == first + (j - k):
+                j += 1
+            self._compare(first, j - k, view[k * c : j * c])
+            k = j
+        view.release()
+        self.index += n
+        del self.buf[: n * c]
+
+    def _compare(self, first: int, count: int, block: memoryview) -> None:
+        source, c = self.source, self.source.cluster_size
+        if first + count > len(self.seen):
+            self.mismatch = f"the backup holds guest cluster {first + count - 1}, beyond the source disk"
+            return
+        self.seen[first : first + count] = b"\1" * count
+        self.theirs = theirs = _guest_block(source, first * c, min(count * c, source.virtual_size - first * c),
+                                            self.theirs)
+        mine = bytes(block[: len(theirs)])
+        if mine != theirs or any(block[len(theirs) :]):
+            at = next((k for k in range(len(theirs)) if mine[k] != theirs[k]), len(theirs))
+            self.mismatch = f"content differs from the source in guest cluster {first + at // c}"
 
     def finish(self, result: Any, add: Callable[..., bool]) -> None:
         with self.source:
@@ -324,8 +394,9 @@ class _StreamComparer:
                 add("content", False, "disk geometry differs from the source")
                 return
             if self.mismatch is None:
-                for i in range(self.source.mapping.cluster_count):
-                    if i not in self.seen and self.source.mapping.kinds[i] >= DATA:
+                kinds, seen = self.source.mapping.kinds, self.seen
+                for i in range(len(kinds)):
+                    if kinds[i] >= DATA and not seen[i]:
                         data = self.source.read_cluster(i)
                         if data is not None and data.count(0) != len(data):
                             self.mismatch = f"the backup lacks data of guest cluster {i}"

@@ -498,11 +498,20 @@ class Qcow2Image:
         if offset >= layer.disk_size or not len(view):
             return
         self._check_data_readable()
+        # Guest runs whose clusters are also host-contiguous are read by one preadv each.
+        run_guest = run_host = run_len = 0
         for ext in self._raw_extents(layer, offset, min(end, layer.disk_size)):
-            dst = view[ext.offset - offset : ext.offset - offset + ext.length]
             if ext.kind == DATA:
-                _pread_into(self._fd, dst, ext.host_offset, self.file_size)
-            elif ext.kind == COMPRESSED:
+                if run_len and run_host + run_len == ext.host_offset and run_guest + run_len == ext.offset:
+                    run_len += ext.length
+                    continue
+                if run_len:
+                    _pread_into(self._fd, view[run_guest - offset : run_guest - offset + run_len], run_host,
+                                self.file_size)
+                run_guest, run_host, run_len = ext.offset, ext.host_offset, ext.length
+                continue
+            dst = view[ext.offset - offset : ext.offset - offset + ext.length]
+            if ext.kind == COMPRESSED:
                 cluster = self._decompress(ext.host_offset, ext.compressed_size)
                 dst[:] = cluster[ext.cluster_offset : ext.cluster_offset + ext.length]
             elif ext.kind == UNALLOCATED:
@@ -510,6 +519,8 @@ class Qcow2Image:
                 if backing is not None and ext.offset < backing.virtual_size:
                     n = min(ext.length, backing.virtual_size - ext.offset)
                     backing._fill_active(ext.offset, dst[:n])
+        if run_len:
+            _pread_into(self._fd, view[run_guest - offset : run_guest - offset + run_len], run_host, self.file_size)
 
     def _fill_active(self, offset: int, view: memoryview) -> None:
         self._fill(self.active, offset, view)
