@@ -46,7 +46,15 @@ from qsnap.backup.partial import (
 )
 from qsnap.backup.qcow2stream import Layout, write_blocks, write_skipping_zeros
 from qsnap.backup.source import COMPRESSED_DATA, DATA, SourceReader, Unsupported
-from qsnap.backup.streams import AsyncHash, HashingWriter, ParallelGzipWriter, ZstdWriter, prefetch, sha256_fd
+from qsnap.backup.streams import (
+    AsyncHash,
+    HashingWriter,
+    ParallelGzipWriter,
+    ZstdWriter,
+    keep_block_memory,
+    prefetch,
+    sha256_fd,
+)
 from qsnap.core.errors import ImageError, OutputExists, QsnapError, UsageError
 from qsnap.core.fsutil import atomic_write_bytes
 from qsnap.core.models import Snapshot
@@ -76,6 +84,7 @@ def export_snapshot(
     snapshot when a VM runs). Raises OutputExists (13), UsageError (2), InsufficientSpace,
     ImageError (7); on any failure or KeyboardInterrupt no partial file is left.
     """
+    keep_block_memory()
     started = time.monotonic()
     image = Path(image).absolute()
     output = Path(output).absolute()

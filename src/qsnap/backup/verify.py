@@ -21,7 +21,7 @@ from qsnap.backup import qemu
 from qsnap.backup.model import Check, VerifyReport, load_manifest
 from qsnap.backup.qcow2stream import Malformed, StreamChecker
 from qsnap.backup.source import COMPRESSED_DATA, DATA, UNALLOCATED, ZERO, SourceReader, Unsupported
-from qsnap.backup.streams import AsyncHash, ChunkReader, iter_file, parallel_gunzip, parallel_unzstd
+from qsnap.backup.streams import AsyncHash, ChunkReader, iter_file, keep_block_memory, parallel_gunzip, parallel_unzstd
 from qsnap.core.errors import QsnapError, UsageError, VerificationFailed
 from qsnap.core.models import Snapshot
 
@@ -38,6 +38,7 @@ def verify_backup(
     progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
     """Check BACKUP against its manifest; raise VerificationFailed (exit 11) naming what failed."""
+    keep_block_memory()
     started = time.monotonic()
     path = Path(path).absolute()
     checks: list[Check] = []
