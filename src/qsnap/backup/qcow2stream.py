@@ -186,52 +186,15 @@ class Layout:
             yield l2.tobytes()
 
 
-def write_stream(
-    layout: Layout,
-    clusters: Iterator[tuple[int, bytes]],
-    sink: Sink,
-    on_bytes: Callable[[int], None] | None = None,
-    batch: int = 16,
-) -> int:
-    """Write LAYOUT's metadata, then the data CLUSTERS (in layout order) to SINK; return bytes."""
-    written = 0
-    for chunk in layout.metadata():
-        sink.write(chunk)
-        written += len(chunk)
-        if on_bytes:
-            on_bytes(len(chunk))
-    expected = iter(layout.data_indices)
-    buf: list[bytes] = []
-    for idx, data in clusters:
-        if next(expected, None) != idx or len(data) != layout.cluster_size:
-            raise ValueError(f"cluster {idx} out of layout order")
-        buf.append(data)
-        if len(buf) >= batch:
-            blob = b"".join(buf)
-            sink.write(blob)
-            written += len(blob)
-            buf = []
-            if on_bytes:
-                on_bytes(len(blob))
-    if buf:
-        blob = b"".join(buf)
-        sink.write(blob)
-        written += len(blob)
-        if on_bytes:
-            on_bytes(len(blob))
-    if next(expected, None) is not None:
-        raise ValueError("fewer data clusters than the layout expects")
-    return written
-
-
 def write_blocks(
     layout: Layout,
     blocks: Iterable[tuple[int, bytes]],
     sink: Sink,
     on_bytes: Callable[[int], None] | None = None,
 ) -> int:
-    """Like :func:`write_stream`, with data as (cluster count, bytes) blocks in layout order
-    (:meth:`qsnap.backup.source.SourceReader.iter_blocks` over ``layout.data_indices``)."""
+    """Write LAYOUT's metadata, then its data clusters to SINK; return the byte count. The data
+    comes as (cluster count, bytes) blocks in layout order (:meth:`qsnap.backup.source.SourceReader.iter_blocks`
+    over ``layout.data_indices``)."""
     written = 0
     for chunk in layout.metadata():
         sink.write(chunk)

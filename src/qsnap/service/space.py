@@ -17,6 +17,7 @@ exclusive bytes.
 from __future__ import annotations
 
 import os
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -117,57 +118,57 @@ def account_image(image: Qcow2Image) -> SpaceReport:
     entries = image.snapshot_entries()
     layers: list[Layer] = [image.layer(e) for e in entries] + [image.active]
 
-    # 1. which roots reach which L2 table
-    owners: dict[int, list[int]] = {}
-    root_tables: list[set[int]] = []
-    root_l1: list[set[int]] = []
+    # Who reaches each host cluster, as a bit set of roots (bit r: layers[r]). The pass goes
+    # over each L2 table once, whatever number of roots share it, so the work grows with the
+    # number of distinct L2 tables, not with snapshots x clusters. Clusters are grouped by
+    # their set of roots: a group per distinct set, one small int per host cluster.
+    n_roots = len(layers)
+    owners: dict[int, int] = {}  # L2 table offset -> bit set of the roots reaching it
+    root_l1: list[range] = []
+    root_tables: list[int] = []
     for r, layer in enumerate(layers):
+        bit = 1 << r
         tables = {o for o in (x & fmt.L1E_OFFSET_MASK for x in layer.l1) if o}
-        root_tables.append(tables)
-        root_l1.append(set(_span(layer.l1_offset, layer.l1_size * 8, cs)))
+        root_tables.append(len(tables))
+        root_l1.append(_span(layer.l1_offset, layer.l1_size * 8, cs))
         for t in tables:
-            owners.setdefault(t, []).append(r)
-
-    # 2. the clusters each L2 table references
-    table_clusters: dict[int, frozenset[int]] = {}
+            owners[t] = owners.get(t, 0) | bit
+    reach = _Reach(image.file_size // cs + 1)
+    for r, span in enumerate(root_l1):
+        for c in span:
+            reach.add(c // cs, 1 << r)
     for t, roots in owners.items():
-        table_clusters[t] = frozenset(image.l2_host_clusters(t, f"L2 table of the {layers[roots[0]].what}"))
+        what = f"L2 table of the {layers[(roots & -roots).bit_length() - 1].what}"
+        reach.add(t // cs, roots)
+        reach.add_all([c // cs for c in image.l2_host_clusters(t, what)], roots)
 
-    # 3. clusters in a shared table are shared; exclusivity is decided among private ones
-    shared_universe: set[int] = set()
-    private: list[set[int]] = [set(root_l1[r]) for r in range(len(layers))]
-    for t, roots in owners.items():
-        if len(roots) > 1:
-            shared_universe.add(t)
-            shared_universe.update(table_clusters[t])
+    exclusive = [0] * n_roots
+    referenced = [0] * n_roots
+    shared_count = 0
+    for group, count in reach.counts().items():
+        roots = reach.sets[group]
+        if not roots:
+            continue
+        if roots & (roots - 1):
+            shared_count += count
         else:
-            private[roots[0]].add(t)
-            private[roots[0]].update(table_clusters[t])
-    counts: Counter[int] = Counter()
-    for p in private:
-        counts.update(p)
+            exclusive[roots.bit_length() - 1] += count
+        while roots:
+            low = roots & -roots
+            referenced[low.bit_length() - 1] += count
+            roots ^= low
 
     results: list[RootSpace] = []
-    everything: set[int] = set(shared_universe)
-    shared_total: set[int] = set(shared_universe)
     for r, layer in enumerate(layers):
-        candidates = private[r] - shared_universe
-        exclusive = sum(1 for c in candidates if counts[c] == 1)
-        referenced: set[int] = set(root_l1[r])
-        referenced.update(root_tables[r])
-        for t in root_tables[r]:
-            referenced.update(table_clusters[t])
-        everything.update(private[r])
-        shared_total.update(c for c in candidates if counts[c] > 1)
         e = entries[r] if r < len(entries) else None
         results.append(
             RootSpace(
                 id=e.id if e else None,
                 name=e.name if e else CURRENT,
-                exclusive_bytes=exclusive * cs,
-                shared_bytes=(len(referenced) - exclusive) * cs,
-                referenced_bytes=len(referenced) * cs,
-                metadata_bytes=(len(root_l1[r]) + len(root_tables[r])) * cs,
+                exclusive_bytes=exclusive[r] * cs,
+                shared_bytes=(referenced[r] - exclusive[r]) * cs,
+                referenced_bytes=referenced[r] * cs,
+                metadata_bytes=(len(root_l1[r]) + root_tables[r]) * cs,
                 vm_state_size=e.vm_state_size if e else 0,
                 disk_size=layer.disk_size,
             )
@@ -176,8 +177,8 @@ def account_image(image: Qcow2Image) -> SpaceReport:
     # 4. image-wide metadata, refcounts, leaks
     metadata = _image_metadata(image)
     refcounts = image.refcounts()
-    allocated = {i * cs for i, rc in enumerate(refcounts) if rc}
-    leaked = allocated - everything - metadata
+    allocated = [i for i, rc in enumerate(refcounts) if rc]
+    leaked = [i for i in allocated if not reach.reaches(i) and i * cs not in metadata]
     in_file = len(refcounts)
     return SpaceReport(
         path=image.path,
@@ -188,13 +189,58 @@ def account_image(image: Qcow2Image) -> SpaceReport:
         snapshots=tuple(results[:-1]),
         current=results[-1],
         allocated_bytes=len(allocated) * cs,
-        shared_bytes=len(shared_total) * cs,
+        shared_bytes=shared_count * cs,
         image_metadata_bytes=len(metadata) * cs,
         leaked_bytes=len(leaked) * cs,
         leaked_clusters=len(leaked),
         unreferenced_bytes=(in_file - len(allocated)) * cs,
         dirty=bool(h.incompatible_features & fmt.INCOMPAT_DIRTY),
     )
+
+
+class _Reach:
+    """For each host cluster index, the set of roots reaching it, interned: ``group[i]``
+    indexes ``sets`` (bit sets of roots; group 0 is the empty set). Indices past the file's
+    end (only in damaged images) are kept in a dict."""
+
+    def __init__(self, clusters: int) -> None:
+        self.group = array("l", bytes(8 * clusters)) if array("l").itemsize == 8 else array("q", bytes(8 * clusters))
+        self.beyond: dict[int, int] = {}
+        self.sets: list[int] = [0]
+        self._index: dict[int, int] = {0: 0}
+
+    def _intern(self, roots: int) -> int:
+        g = self._index.get(roots)
+        if g is None:
+            g = self._index[roots] = len(self.sets)
+            self.sets.append(roots)
+        return g
+
+    def add(self, i: int, roots: int) -> None:
+        self.add_all([i], roots)
+
+    def add_all(self, indices: list[int], roots: int) -> None:
+        mine = self._intern(roots)
+        group, n, sets = self.group, len(self.group), self.sets
+        merged: dict[int, int] = {mine: mine, 0: mine}  # old group -> group after adding ROOTS
+        for i in indices:
+            if i >= n:
+                self.beyond[i] = self._intern(sets[self.beyond.get(i, 0)] | roots)
+                continue
+            old = group[i]
+            new = merged.get(old)
+            if new is None:
+                new = merged[old] = self._intern(sets[old] | roots)
+            group[i] = new
+
+    def counts(self) -> Counter[int]:
+        found = Counter(self.group)
+        found.update(self.beyond.values())
+        return found
+
+    def reaches(self, i: int) -> bool:
+        """Whether some root reaches host cluster index I."""
+        return bool(self.group[i] if i < len(self.group) else self.beyond.get(i, 0))
 
 
 def _image_metadata(image: Qcow2Image) -> set[int]:
