@@ -7,6 +7,11 @@ and read with the real qemu-io, and three ways to run the CLIs.
   console scripts as subprocesses; return ``(returncode, stdout, stderr)``.
 - ``qsnap_main(argv, ...)`` / ``guide_main(argv, ...)``: the same CLIs in-process with an
   injected :class:`qsnap.cli.env.Environment` (StringIO streams); much faster.
+- QEMU without a guest OS (tests/monitor, tests/routing): ``accel()``, ``free_port()``,
+  ``new_image(path)``, ``kill_popen(proc)``, ``connect_qmp(path, ...)`` and
+  :class:`QemuProcesses` (boots QEMUs with a QMP side channel, kills them by PID).
+- ``fake_monitor(behaviour)``: a :class:`FakeMonitor`, a TCP monitor that stays silent,
+  hangs or hangs up (a :class:`LoopbackServer`, the base of such test servers).
 
 The plain functions are also importable as ``from qsnap_testlib import ...`` (an alias of
 this module registered below: ``import conftest`` is ambiguous once several directories have a
@@ -16,18 +21,23 @@ removed from every run unless a test passes them, so a developer's shell cannot 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 sys.modules.setdefault("qsnap_testlib", sys.modules[__name__])
 
@@ -118,6 +128,227 @@ def fingerprint(path: Path | str) -> tuple[str, int, int]:
     st = os.stat(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return digest, st.st_size, st.st_mtime_ns
+
+
+# ------------------------------------------------------------------ QEMU VMs (no guest OS)
+
+QEMU = "qemu-system-x86_64"
+
+
+def accel() -> str:
+    """The -machine accel= value: KVM where it works (falling back to TCG), TCG under kvm_pvm."""
+    return "tcg" if Path("/sys/module/kvm_pvm").exists() else "kvm:tcg"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (picked at run time, never hard-coded)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_image(path: Path, size: str = "64M") -> Path:
+    """An empty qcow2 image at exactly PATH (parent directories made as needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    qemu_img("create", "-q", "-f", "qcow2", str(path), size)
+    return path
+
+
+def kill_popen(proc: subprocess.Popen[Any]) -> None:
+    """Stop PROC by PID (Popen.kill is SIGKILL to proc.pid) and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def connect_qmp(path: Path | str, proc_alive: Callable[[], bool], timeout: float = 20,
+                reply_timeout: float = 60) -> QEMUMonitorProtocol:
+    """A qemu.qmp client on the QMP unix socket PATH. The path appears at bind(), a moment
+    before listen(): retry until connected, PROC_ALIVE() turns false, or TIMEOUT passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        qmp = QEMUMonitorProtocol(str(path))
+        try:
+            qmp.connect()
+            qmp.settimeout(reply_timeout)
+            return qmp
+        except Exception:
+            qmp.close()
+            if not proc_alive() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+class QemuProcesses:
+    """The QEMUs one fixture starts, each with a private QMP side channel (the tests' witness,
+    never qsnap code). :meth:`stop_all` (the fixture's teardown) closes the side channels and
+    kills every QEMU by PID, including one whose side channel never came up."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[subprocess.Popen[bytes], QEMUMonitorProtocol | None]] = []
+
+    def __len__(self) -> int:
+        return len(self.started)
+
+    def start(self, drives: Iterable[Path], monitor_args: Sequence[str], side_path: Path, log: Path, *,
+              memory: int = 64, side_timeout: float = 60) -> tuple[subprocess.Popen[bytes], QEMUMonitorProtocol]:
+        """Boot ``-machine pc -nodefaults -display none`` with DRIVES as virtio disks, the side
+        channel on SIDE_PATH and MONITOR_ARGS (the monitor under test); stdout/stderr to LOG."""
+        argv = [QEMU, "-machine", f"pc,accel={accel()}", "-m", str(memory), "-nodefaults", "-display", "none"]
+        for drive in drives:
+            argv += ["-drive", f"file={drive},if=virtio,format=qcow2"]
+        argv += ["-qmp", f"unix:{side_path},server=on,wait=off", *monitor_args]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.started.append((proc, None))
+        deadline = time.monotonic() + 20
+        while not side_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"QEMU did not start: {log.read_text(errors='replace')}")
+            time.sleep(0.02)
+        side = connect_qmp(side_path, lambda: proc.poll() is None, reply_timeout=side_timeout)
+        self.started[-1] = (proc, side)
+        return proc, side
+
+    def stop_all(self) -> None:
+        for proc, side in self.started:
+            if side is not None:
+                with contextlib.suppress(Exception):
+                    side.close()
+            kill_popen(proc)
+
+
+# ------------------------------------------------------------------ fake (broken) monitors
+
+class LoopbackServer:
+    """A TCP server on 127.0.0.1 at a port the kernel picks free at run time. A daemon thread
+    accepts until :meth:`close` and hands each connection to :meth:`handle` (on that thread:
+    a handler that blocks serves one connection at a time). Subclasses set their own
+    attributes before calling ``super().__init__()``, which starts the thread; sockets put in
+    ``_socks`` and threads in ``_threads`` are closed and joined by :meth:`close`."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(4)
+        self.port = int(self.server.getsockname()[1])
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.server.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except (TimeoutError, OSError):
+                continue
+            self._socks.append(conn)
+            self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in [self.thread, *self._threads]:
+            thread.join(timeout=5)
+        for sock in self._socks:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.server.close()
+
+
+class FakeMonitor(LoopbackServer):
+    """A TCP server standing in for a QEMU monitor that misbehaves (what a real QEMU cannot be
+    made to do reliably: hang on purpose, or hang up mid-command).
+
+    BEHAVIOUR, for every connection (each served on its own thread, so a client may open
+    several): 'silent' (accept, never send a byte), 'hmp-hang' (greet like HMP, read commands,
+    never answer), 'hmp-hangup' (greet, close on the first command line), 'qmp-hang' (greet
+    like QMP, never answer the negotiation), 'qmp-hangup' (greet, negotiate, close on the next
+    command). Every byte a client sends is appended to :attr:`received` as it arrives.
+    """
+
+    BEHAVIOURS = ("silent", "hmp-hang", "hmp-hangup", "qmp-hang", "qmp-hangup")
+    HMP_GREETING = b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) "
+    QMP_GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, '
+                    b'"package": ""}, "capabilities": ["oob"]}}\r\n')
+
+    def __init__(self, behaviour: str) -> None:
+        if behaviour not in self.BEHAVIOURS:
+            raise ValueError(f"unknown FakeMonitor behaviour {behaviour!r}")
+        self.behaviour = behaviour
+        self.received = b""
+        self._lock = threading.Lock()
+        super().__init__()
+
+    @property
+    def address(self) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(0.1)
+        handler = threading.Thread(target=self._behave, args=(conn,), daemon=True)
+        self._threads.append(handler)
+        handler.start()
+
+    def _recv(self, conn: socket.socket) -> bytes | None:
+        """One chunk (recorded in :attr:`received`); b'' at EOF, None when nothing came yet."""
+        try:
+            chunk = conn.recv(4096)
+        except TimeoutError:
+            return None
+        except OSError:
+            return b""
+        with self._lock:
+            self.received += chunk
+        return chunk
+
+    def _recv_line(self, conn: socket.socket) -> bytes:
+        data = b""
+        while b"\n" not in data and not self._stop.is_set():
+            chunk = self._recv(conn)
+            if chunk == b"":
+                break
+            data += chunk or b""
+        return data
+
+    def _recv_json(self, conn: socket.socket) -> dict[str, Any]:
+        data = b""
+        while not self._stop.is_set():
+            chunk = self._recv(conn)
+            if chunk is None:
+                continue
+            data += chunk
+            try:
+                return dict(json.loads(data))
+            except ValueError:
+                if not chunk:
+                    break
+        return {}
+
+    def _behave(self, conn: socket.socket) -> None:
+        b = self.behaviour
+        with contextlib.suppress(OSError):
+            if b.startswith("hmp"):
+                conn.sendall(self.HMP_GREETING)
+            elif b.startswith("qmp"):
+                conn.sendall(self.QMP_GREETING)
+            if b == "qmp-hangup":
+                request = self._recv_json(conn)  # qmp_capabilities
+                reply = {"return": {}, **({"id": request["id"]} if "id" in request else {})}
+                conn.sendall(json.dumps(reply).encode() + b"\r\n")
+            if b.endswith("hangup"):
+                self._recv_json(conn) if b.startswith("qmp") else self._recv_line(conn)
+                conn.close()
+                return
+            while not self._stop.is_set():  # hang: read and never answer
+                if self._recv(conn) == b"":
+                    time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ running the CLIs
@@ -236,6 +467,22 @@ def _qsnap_main_fixture() -> Callable[..., Run]:
 @pytest.fixture(name="guide_main", scope="session")
 def _guide_main_fixture() -> Callable[..., Run]:
     return guide_main
+
+
+@pytest.fixture
+def fake_monitor() -> Iterator[Callable[[str], FakeMonitor]]:
+    """``fake_monitor(behaviour)`` → a running :class:`FakeMonitor`, closed at teardown."""
+    fakes: list[FakeMonitor] = []
+
+    def make(behaviour: str) -> FakeMonitor:
+        fakes.append(FakeMonitor(behaviour))
+        return fakes[-1]
+
+    try:
+        yield make
+    finally:
+        for fake in fakes:
+            fake.close()
 
 
 @pytest.fixture

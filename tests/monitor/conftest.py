@@ -1,4 +1,5 @@
-"""Fixtures for the monitor tests: real qemu-system-x86_64 VMs (no guest OS) and fake monitors.
+"""Fixtures for the monitor tests: real qemu-system-x86_64 VMs (no guest OS). The fake
+(broken) monitors, ``fake_monitor`` and :class:`FakeMonitor`, live in tests/conftest.py.
 
 Every QEMU a test starts is stopped in the fixture's teardown, by PID, on every path.
 Each VM also gets a private QMP "side channel" (qemu.qmp, not qsnap code) that tests use
@@ -8,12 +9,9 @@ as the witness: run state, snapshot lists, and guest-disk patterns written with 
 
 from __future__ import annotations
 
-import json
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,23 +20,10 @@ from typing import Any
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qsnap_testlib import FakeMonitor, QemuProcesses, free_port, new_image
 
-QEMU = "qemu-system-x86_64"
-
-
-def accel() -> str:
-    return "tcg" if Path("/sys/module/kvm_pvm").exists() else "kvm:tcg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_image(path: Path, size: str = "64M") -> Path:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
-    return path
+# What the tests' type hints import from here (FakeMonitor is qsnap_testlib's, re-exported).
+__all__ = ["FIXTURES", "VM", "FakeMonitor"]
 
 
 @dataclass
@@ -85,179 +70,33 @@ class VM:
         return self.proc.poll() is None
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()  # by PID (Popen.kill signals self.pid)
-    proc.wait(timeout=10)
-
-
 @pytest.fixture
 def start_vm(tmp_path: Path) -> Iterator[Callable[..., VM]]:
     """start_vm(kind, disks=1) → VM; kind is qmp | hmp-tcp | hmp-telnet | hmp-unix."""
-    started: list[tuple[subprocess.Popen[bytes], QEMUMonitorProtocol | None]] = []
+    qemus = QemuProcesses()
     sockdir = Path(tempfile.mkdtemp(prefix="qsm", dir="/tmp"))  # unix paths must stay short
 
     def start(kind: str, disks: int = 1) -> VM:
-        images = [make_image(tmp_path / f"disk{i}.qcow2", "64M" if i == 0 else "32M") for i in range(disks)]
-        side_path = sockdir / f"side{len(started)}.sock"
-        argv = [QEMU, "-machine", f"pc,accel={accel()}", "-m", "64", "-nodefaults", "-display", "none"]
-        for img in images:
-            argv += ["-drive", f"file={img},if=virtio,format=qcow2"]
-        argv += ["-qmp", f"unix:{side_path},server=on,wait=off"]
-        if kind == "qmp":
-            path = sockdir / f"mon{len(started)}.sock"
-            argv += ["-qmp", f"unix:{path},server=on,wait=off"]
-            address = f"unix:{path}"
-        elif kind == "hmp-unix":
-            path = sockdir / f"mon{len(started)}.sock"
-            argv += ["-monitor", f"unix:{path},server=on,wait=off"]
+        n = len(qemus)
+        images = [new_image(tmp_path / f"disk{i}.qcow2", "64M" if i == 0 else "32M") for i in range(disks)]
+        if kind in ("qmp", "hmp-unix"):
+            path = sockdir / f"mon{n}.sock"
+            monitor_args = ["-qmp" if kind == "qmp" else "-monitor", f"unix:{path},server=on,wait=off"]
             address = f"unix:{path}"
         else:
             transport = kind.removeprefix("hmp-")
             port = free_port()
-            argv += ["-monitor", f"{transport}:127.0.0.1:{port},server=on,wait=off"]
+            monitor_args = ["-monitor", f"{transport}:127.0.0.1:{port},server=on,wait=off"]
             address = f"{transport}:127.0.0.1:{port}"
-        log = tmp_path / f"qemu{len(started)}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        started.append((proc, None))
-        deadline = time.monotonic() + 20
-        while not side_path.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"QEMU did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.02)
-        while True:  # the path appears at bind(), a moment before listen(): retry
-            side = QEMUMonitorProtocol(str(side_path))
-            try:
-                side.connect()
-                break
-            except Exception:
-                side.close()
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        side.settimeout(30)
-        started[-1] = (proc, side)
+        log = tmp_path / f"qemu{n}.log"
+        proc, side = qemus.start(images, monitor_args, sockdir / f"side{n}.sock", log, side_timeout=30)
         return VM(proc, kind, address, images, log, side)
 
     try:
         yield start
     finally:
-        for proc, side in started:
-            try:
-                if side is not None:
-                    side.close()
-            except Exception:
-                pass
-            _stop(proc)
+        qemus.stop_all()
         shutil.rmtree(sockdir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- fake monitors
-
-class FakeMonitor:
-    """A TCP server standing in for a broken QEMU monitor (what cannot be made to happen
-    reliably with a real QEMU: a monitor that hangs, or hangs up mid-command).
-
-    behaviour: 'silent' (accept, never send), 'hmp-hang' (greet, never answer),
-    'hmp-hangup' (greet, close on the first command), 'qmp-hang' (greet, never answer
-    negotiation), 'qmp-hangup' (greet, negotiate, close on the next command).
-    """
-
-    def __init__(self, behaviour: str) -> None:
-        self.behaviour = behaviour
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(1)
-        self.port = int(self.server.getsockname()[1])
-        self.received = b""
-        self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
-
-    def _recv_line(self, conn: socket.socket) -> bytes:
-        data = b""
-        while b"\n" not in data and not self._stop.is_set():
-            try:
-                chunk = conn.recv(4096)
-            except TimeoutError:
-                continue
-            if not chunk:
-                break
-            data += chunk
-        self.received += data
-        return data
-
-    def _recv_json(self, conn: socket.socket) -> dict[str, Any]:
-        data = b""
-        while not self._stop.is_set():
-            try:
-                chunk = conn.recv(4096)
-            except TimeoutError:
-                continue
-            data += chunk
-            try:
-                return dict(json.loads(data))
-            except ValueError:
-                if not chunk:
-                    break
-        return {}
-
-    def _serve(self) -> None:
-        self.server.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except (TimeoutError, OSError):
-                continue
-            conn.settimeout(0.2)
-            self._conns.append(conn)
-            b = self.behaviour
-            if b.startswith("hmp"):
-                conn.sendall(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ")
-            elif b.startswith("qmp"):
-                conn.sendall(
-                    b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, '
-                    b'"package": ""}, "capabilities": ["oob"]}}\r\n'
-                )
-            if b == "qmp-hangup":
-                request = self._recv_json(conn)  # qmp_capabilities
-                reply = {"return": {}, **({"id": request["id"]} if "id" in request else {})}
-                conn.sendall(json.dumps(reply).encode() + b"\r\n")
-            if b.endswith("hangup"):
-                self._recv_json(conn) if b.startswith("qmp") else self._recv_line(conn)
-                conn.close()
-                continue
-            while not self._stop.is_set():  # hang: read and never answer
-                if self._recv_line(conn) == b"":
-                    time.sleep(0.05)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=5)
-        for conn in self._conns:
-            conn.close()
-        self.server.close()
-
-
-@pytest.fixture
-def fake_monitor() -> Iterator[Callable[[str], FakeMonitor]]:
-    fakes: list[FakeMonitor] = []
-
-    def make(behaviour: str) -> FakeMonitor:
-        fakes.append(FakeMonitor(behaviour))
-        return fakes[-1]
-
-    try:
-        yield make
-    finally:
-        for fake in fakes:
-            fake.close()
 
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -32,26 +32,24 @@ from typing import Any
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
-from qsnap_testlib import QSNAP, Run, clean_environ, qemu_img
+from qsnap_testlib import (
+    QSNAP,
+    FakeMonitor,
+    LoopbackServer,
+    QemuProcesses,
+    Run,
+    clean_environ,
+    free_port,
+    kill_popen,
+    new_image,
+    qemu_img,
+)
 
-QEMU = "qemu-system-x86_64"
+# What the tests import from here (FakeMonitor and new_image are qsnap_testlib's, re-exported).
+__all__ = ["MONITOR_KINDS", "VM", "CuttingProxy", "FakeMonitor", "new_image", "offline_snapshots", "qmp_once",
+           "recorded_vm", "run_qsnap", "snapshot_has_pattern"]
+
 MONITOR_KINDS = ("qmp", "hmp-tcp", "hmp-telnet")
-
-
-def accel() -> str:
-    return "tcg" if Path("/sys/module/kvm_pvm").exists() else "kvm:tcg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def new_image(path: Path, size: str = "64M") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    qemu_img("create", "-q", "-f", "qcow2", str(path), size)
-    return path
 
 
 def offline_snapshots(image: Path) -> list[tuple[str, str, int]]:
@@ -110,21 +108,6 @@ class Side:
         raise AssertionError(f"qemu-io printed nothing: {new!r}")
 
 
-def connect_side(path: Path, proc_alive: Callable[[], bool], timeout: float = 20) -> QEMUMonitorProtocol:
-    deadline = time.monotonic() + timeout
-    while True:
-        side = QEMUMonitorProtocol(str(path))
-        try:
-            side.connect()
-            side.settimeout(60)
-            return side
-        except Exception:
-            side.close()
-            if not proc_alive() or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 @dataclass
 class VM:
     """A running QEMU: the monitor under test (ADDRESS, or None) and the side channel."""
@@ -160,13 +143,6 @@ class VM:
         return self.side.hmp(line)
 
 
-def _kill_popen(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.kill()  # SIGKILL to proc.pid
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-
-
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
     """A short directory for unix sockets (sun_path is 108 bytes; tmp_path can be long)."""
@@ -185,55 +161,34 @@ def start_vm(tmp_path: Path, sockdir: Path) -> Iterator[Callable[..., VM]]:
     (only the side channel). DRIVES default to a fresh 64 MiB ``tmp_path/disk.qcow2``; the
     first drive is ``virtio0``.
     """
-    started: list[tuple[subprocess.Popen[bytes], QEMUMonitorProtocol | None]] = []
+    qemus = QemuProcesses()
 
     def start(kind: str, drives: list[Path] | None = None, memory: int = 64) -> VM:
-        n = len(started)
+        n = len(qemus)
         if drives is None:
             drives = [new_image(tmp_path / "disk.qcow2")]
-        side_path = sockdir / f"side{n}.sock"
-        argv = [QEMU, "-machine", f"pc,accel={accel()}", "-m", str(memory), "-nodefaults", "-display", "none"]
-        for drive in drives:
-            argv += ["-drive", f"file={drive},if=virtio,format=qcow2"]
-        argv += ["-qmp", f"unix:{side_path},server=on,wait=off"]
+        monitor_args: list[str] = []
         address: str | None = None
         port: int | None = None
         if kind == "qmp":
             path = sockdir / f"mon{n}.sock"
-            argv += ["-qmp", f"unix:{path},server=on,wait=off"]
+            monitor_args = ["-qmp", f"unix:{path},server=on,wait=off"]
             address = f"unix:{path}"
-        elif kind == "qmp-tcp":
+        elif kind in ("qmp-tcp", "hmp-tcp", "hmp-telnet"):
+            option, transport = ("-qmp", "tcp") if kind == "qmp-tcp" else ("-monitor", kind.removeprefix("hmp-"))
             port = free_port()
-            argv += ["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]
-            address = f"tcp:127.0.0.1:{port}"
-        elif kind in ("hmp-tcp", "hmp-telnet"):
-            transport = kind.removeprefix("hmp-")
-            port = free_port()
-            argv += ["-monitor", f"{transport}:127.0.0.1:{port},server=on,wait=off"]
+            monitor_args = [option, f"{transport}:127.0.0.1:{port},server=on,wait=off"]
             address = f"{transport}:127.0.0.1:{port}"
         elif kind != "none":
             raise ValueError(kind)
         log = tmp_path / f"qemu{n}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        started.append((proc, None))
-        deadline = time.monotonic() + 20
-        while not side_path.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"QEMU did not start: {log.read_text(errors='replace')}")
-            time.sleep(0.02)
-        side = connect_side(side_path, lambda: proc.poll() is None)
-        started[-1] = (proc, side)
+        proc, side = qemus.start(drives, monitor_args, sockdir / f"side{n}.sock", log, memory=memory)
         return VM(proc, kind, address, port, list(drives), Side(side, log))
 
     try:
         yield start
     finally:
-        for proc, side in started:
-            if side is not None:
-                with contextlib.suppress(Exception):
-                    side.close()
-            _kill_popen(proc)
+        qemus.stop_all()
 
 
 # ---------------------------------------------------------------- qsnap processes
@@ -265,7 +220,7 @@ def spawn_qsnap() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         yield spawn
     finally:
         for proc in procs:
-            _kill_popen(proc)
+            kill_popen(proc)
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
@@ -342,51 +297,9 @@ def qsnap_vm() -> Iterator[Callable[..., dict[str, Any]]]:
 
 
 # ---------------------------------------------------------------- broken monitors
+# (the fake_monitor fixture and FakeMonitor are shared: tests/conftest.py)
 
-class FakeMonitor:
-    """A TCP server standing in for a QEMU monitor that misbehaves (a real QEMU cannot be made
-    to hang on purpose): 'silent' accepts and never sends a byte; 'hmp-hang' greets like
-    HMP, then reads commands and never answers."""
-
-    def __init__(self, behaviour: str) -> None:
-        self.behaviour = behaviour
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(4)
-        self.port = int(self.server.getsockname()[1])
-        self.received = b""
-        self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        self.server.settimeout(0.1)
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError, OSError):
-                conn, _ = self.server.accept()
-                self._conns.append(conn)
-                if self.behaviour == "hmp-hang":
-                    conn.sendall(b"QEMU 7.2.0 monitor - type 'help' for more information\r\n(qemu) ")
-            for conn in list(self._conns):
-                with contextlib.suppress(OSError):
-                    readable, _, _ = select.select([conn], [], [], 0)
-                    if readable:
-                        self.received += conn.recv(4096)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=5)
-        for conn in self._conns:
-            conn.close()
-        self.server.close()
-
-
-class CuttingProxy:
+class CuttingProxy(LoopbackServer):
     """A TCP proxy in front of a real QEMU monitor that hangs up both sides the moment the
     client sends TRIGGER (the trigger itself is never forwarded): a monitor connection that
     dies in the middle of a mutating command, without QEMU ever running it."""
@@ -395,25 +308,12 @@ class CuttingProxy:
         self.target_port = target_port
         self.trigger = trigger
         self.cut = threading.Event()
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(4)
-        self.port = int(self.server.getsockname()[1])
-        self._stop = threading.Event()
-        self._socks: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        self.server.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                client, _ = self.server.accept()
-            except (TimeoutError, OSError):
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
-            self._socks += [client, upstream]
-            self._pump(client, upstream)
+    def handle(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        self._socks.append(upstream)
+        self._pump(conn, upstream)
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         seen = b""
@@ -443,29 +343,6 @@ class CuttingProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=5)
-        for sock in self._socks:
-            with contextlib.suppress(OSError):
-                sock.close()
-        self.server.close()
-
-
-@pytest.fixture
-def fake_monitor() -> Iterator[Callable[[str], FakeMonitor]]:
-    fakes: list[FakeMonitor] = []
-
-    def make(behaviour: str) -> FakeMonitor:
-        fakes.append(FakeMonitor(behaviour))
-        return fakes[-1]
-
-    try:
-        yield make
-    finally:
-        for fake in fakes:
-            fake.close()
 
 
 @pytest.fixture
