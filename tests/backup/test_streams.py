@@ -247,3 +247,45 @@ def test_parallel_unzstd_rejects_damage(where: str) -> None:
         blob = blob[: 12 + first + 12]
     with pytest.raises(ValueError):
         b"".join(parallel_unzstd(io.BytesIO(bytes(blob)).read, threads=2))
+
+
+def _announced(frame: bytes, size: int | None = None) -> bytes:
+    import struct
+
+    return struct.pack("<III", 0x184D2A50, 4, len(frame) if size is None else size) + frame
+
+
+@pytest.mark.parametrize("case", ["two frames in one", "junk after the frame", "empty frame with junk"])
+def test_parallel_unzstd_wants_exactly_one_frame_per_announcement(case: str) -> None:
+    import zstandard
+
+    from qsnap.backup.streams import parallel_unzstd
+
+    one = zstandard.ZstdCompressor(write_checksum=True).compress(b"a" * 100_000)
+    two = zstandard.ZstdCompressor(write_checksum=True).compress(b"b" * 100_000)
+    if case == "two frames in one":
+        blob = _announced(one + two)
+    elif case == "junk after the frame":
+        blob = _announced(one + b"junk")
+    else:  # a frame header saying "0 bytes of content" (single segment), then garbage
+        blob = _announced(b"\x28\xb5\x2f\xfd\x20\x00" + os.urandom(64))
+    with pytest.raises(ValueError):
+        b"".join(parallel_unzstd(io.BytesIO(blob).read, threads=2))
+
+
+def test_big_announced_frames_and_members_do_not_inflate_whole() -> None:
+    """A few KiB that announce 64 MiB per frame (not qsnap's): the sequential reader, whose
+    pieces are at most 4 MiB, takes them, so memory does not grow with the core count. A QS
+    gzip member (only qsnap writes them) that inflates beyond what qsnap puts in one is damage."""
+    import zstandard
+
+    from qsnap.backup.streams import parallel_unzstd
+
+    zeros = bytes(64 << 20)
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(zeros)
+    pieces = list(parallel_unzstd(io.BytesIO(_announced(frame) * 3).read, threads=2))
+    assert max(map(len, pieces)) <= 4 << 20 and sum(map(len, pieces)) == 3 * len(zeros)
+    member = _compress(zeros, block=128 << 20)  # one QS member of 64 MiB
+    assert len(_members(member)) == 1
+    with pytest.raises(ValueError, match="damaged"):
+        b"".join(parallel_gunzip(io.BytesIO(member * 2).read, threads=2))

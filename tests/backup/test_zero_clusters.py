@@ -96,3 +96,30 @@ def test_verify_against_finds_one_changed_byte(tmp_path: Path, name: str) -> Non
     if name in ("b.qcow2", "b.raw"):  # whole-disk comparisons name the byte
         assert f"at byte {(11 << 20) + 12345}" in str(caught.value)
     assert json.loads(Path(f"{out}.json").read_text())["sha256"]  # the backup itself is intact
+
+
+@pytest.mark.parametrize("name", ["b.qcow2", "b.raw", "b.qcow2.zst"])
+def test_verify_against_a_truncated_image_compares_zeros_past_its_end(tmp_path: Path, name: str) -> None:
+    """The last data clusters of the image lie past the end of its (truncated) file: QEMU and the
+    reader read them as zeros; reused comparison buffers must not keep older bytes there."""
+    image = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M")
+    write(image, 0x11, "0", "4M")
+    write(image, 0x22, "4M", "4M")
+    os.truncate(image, image.stat().st_size - (32 << 10))
+    out = tmp_path / name
+    export_snapshot(image, None, out)
+    verify_backup(out, against=(image, None))
+
+
+def test_raw_backup_of_a_snapshot_taken_before_a_resize_has_its_size(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "3M")
+    write(image, 0x11, "0", "3M")
+    run("qemu-img", "snapshot", "-c", "small", str(image))
+    run("qemu-img", "resize", "-q", str(image), "7M")
+    out = tmp_path / "b.raw"
+    export_snapshot(image, snap(image, "small"), out)
+    assert out.stat().st_size == 3 << 20  # qemu-img convert -l alone writes 7 MiB
+    assert reads(out, 0x11, "0", "3M", "raw")
+    verify_backup(out, against=(image, snap(image, "small")))

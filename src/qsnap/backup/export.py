@@ -312,6 +312,10 @@ def _export_qemu_img(
                 raise no_space_error(output.parent) from exc
             raise
         os.fchmod(part.fd, 0o600)
+        if form == "raw" and reader is not None and os.fstat(part.fd).st_size > reader.virtual_size:
+            # qemu-img convert -l writes an older snapshot at the image's current (larger) size:
+            # the raw disk is the snapshot's own size (what the qcow2 formats record)
+            os.ftruncate(part.fd, reader.virtual_size)
         sha = sha256_file(part.path)
         part.commit()
     return sha, sha, output.stat().st_size

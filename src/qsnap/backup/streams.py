@@ -42,6 +42,9 @@ T = TypeVar("T")
 GZIP_BLOCK = 4 << 20
 READ_CHUNK = 4 << 20
 GZIP_MAX_MEMBER = 64 << 20  # refuse to trust a QS length beyond this (corrupt header)
+# Only qsnap writes QS members, each of less than 3 blocks (a write completing a block can
+# bring up to 2 more): one that inflates to more is damaged (and would cost unbounded memory).
+GZIP_MAX_OUTPUT = 3 * GZIP_BLOCK
 
 # 1f 8b (magic), 08 (deflate), 04 (FEXTRA), MTIME 0, XFL 0, OS 255, XLEN 8, "QS", LEN 4, member size
 _GZ_HEAD = struct.Struct("<4sIBBH2sHI")
@@ -274,7 +277,9 @@ class ParallelGzipWriter(_ParallelBlocks):
 # 0x184D2A50, 4 bytes of content) holding the compressed size of the frame that follows.
 ZSTD_SKIPPABLE_MAGIC = 0x184D2A50
 ZSTD_BLOCK = 8 << 20
-ZSTD_MAX_FRAME = 64 << 20  # frames whose header declares more content are read sequentially
+# Frames whose header declares more content are read sequentially. qsnap's frames hold less
+# than 3 blocks (a write completing a block can bring up to 2 more), usually exactly 1.
+ZSTD_MAX_FRAME = 3 * ZSTD_BLOCK
 _ZSTD_SIZE_FRAME = struct.Struct("<III")
 
 
@@ -436,9 +441,11 @@ def member_size(head: bytes) -> int | None:
 def _inflate_member(head: bytes, body: bytes, lib: ModuleType) -> bytes:
     decomp = lib.decompressobj(31)
     try:
-        out = decomp.decompress(head) + decomp.decompress(body)
+        out = decomp.decompress(head) + decomp.decompress(body, GZIP_MAX_OUTPUT + 1)
     except lib.error as exc:
         raise ValueError(f"gzip data is damaged: {exc}") from exc
+    if len(out) > GZIP_MAX_OUTPUT:
+        raise ValueError("gzip member is damaged (it inflates to more than a qsnap member holds)")
     if not decomp.eof:
         raise ValueError("gzip member is damaged or truncated (its length field does not match)")
     if decomp.unused_data:
@@ -449,11 +456,14 @@ def _inflate_member(head: bytes, body: bytes, lib: ModuleType) -> bytes:
 Job = Callable[[], bytes] | Iterator[bytes]
 
 
+MAX_DECOMPRESS_THREADS = 8  # results in flight are kept in memory: 2 x threads + 1 pieces
+
+
 def _in_order(jobs: Iterator[Job], threads: int | None, name: str) -> Iterator[bytes]:
     """Run the callables of JOBS on a thread pool (2 x threads in flight) and yield their
     results in order; an iterator among JOBS is yielded from, in its place, once everything
     before it is out. Closing this generator cancels what has not started."""
-    threads = threads or default_threads()
+    threads = threads or min(default_threads(), MAX_DECOMPRESS_THREADS)
     pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
     pending: deque[Future[bytes]] = deque()
     try:
@@ -562,7 +572,8 @@ def _unzstd_frame(frame: bytes, size: int) -> bytes:
     import zstandard
 
     try:
-        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
+        # allow_extra_data=False: the announced bytes must be exactly one frame
+        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise ValueError(f"zstd data is damaged: {exc}") from exc
     if len(out) != size:
@@ -595,7 +606,7 @@ def parallel_unzstd(read: Callable[[int], bytes], threads: int | None = None) ->
                 size = zstandard.frame_content_size(frame)
             except zstandard.ZstdError as exc:
                 raise ValueError(f"zstd data is damaged: {exc}") from exc
-            if 0 <= size <= ZSTD_MAX_FRAME:  # -1: unknown
+            if 0 < size <= ZSTD_MAX_FRAME:  # -1: unknown; 0: the one-shot call would not decode it
                 yield functools.partial(_unzstd_frame, frame, size)
             else:
                 yield unzstd_chunks([frame])

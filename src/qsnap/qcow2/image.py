@@ -130,7 +130,7 @@ class _RawBacking:
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, file_size: int) -> None:
-    """Fill VIEW from the file at OFFSET; bytes past the end of the file stay as they are (zeros)."""
+    """Fill VIEW from the file at OFFSET; bytes past the end of the file read as zeros."""
     want = min(len(view), max(0, file_size - offset))
     done = 0
     while done < want:
@@ -138,6 +138,8 @@ def _pread_into(fd: int, view: memoryview, offset: int, file_size: int) -> None:
         if got <= 0:
             raise ImageError(f"Short read at offset {offset + done:#x}: the file shrank while reading.")
         done += got
+    if want < len(view):  # (a truncated image): callers may reuse buffers, so write the zeros
+        view[want:] = bytes(len(view) - want)
 
 
 class Qcow2Image:
