@@ -13,11 +13,11 @@ Paths (docs/backup.md has the table):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from qsnap.backup.streams import (
     keep_block_memory,
     prefetch,
     sha256_fd,
+    sha256_file,
 )
 from qsnap.core.errors import ImageError, OutputExists, QsnapError, UsageError
 from qsnap.core.fsutil import atomic_write_bytes
@@ -244,16 +245,6 @@ def _compression_name(form: str, compress: bool, info: dict[str, Any]) -> str:
     return "none"
 
 
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(4 << 20):
-            digest.update(block)
-            if progress:
-                progress(len(block))
-    return digest.hexdigest()
-
-
 def _data_bytes(reader: SourceReader) -> int:
     return reader.mapping.count(DATA, COMPRESSED_DATA) * reader.cluster_size
 
@@ -439,38 +430,16 @@ def _export_qcow2(
         final = write_skipping_zeros(planned, prefetch(reader.iter_blocks(indices)), part.fd, written)
         tick(planned.data_offset)
         scale = planned.file_size / max(1, final.file_size)
-        syncer = _Background(os.fsync, part.fd)
-        sha = sha256_fd(part.fd, final.file_size, lambda n: tick(int(n * scale)))
-        syncer.result()
+        with ThreadPoolExecutor(1, thread_name_prefix="qsnap-fsync") as pool:
+            synced = pool.submit(os.fsync, part.fd)
+            sha = sha256_fd(part.fd, final.file_size, lambda n: tick(int(n * scale)))
+            synced.result()
         if progress is not None:
             progress(total, total)
         part.commit()
     info["data_offset"] = final.data_offset
     info["stored"] = len(final.data_indices) * reader.cluster_size
     return sha, sha, final.file_size
-
-
-class _Background:
-    """FN(*ARGS) on a thread; :meth:`result` waits and re-raises its error."""
-
-    def __init__(self, fn: Callable[..., object], *args: object) -> None:
-        import threading
-
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                fn(*args)
-            except BaseException as exc:  # re-raised by result()
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="qsnap-fsync", daemon=True)
-        self._thread.start()
-
-    def result(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 def _write_layout(

@@ -372,6 +372,15 @@ def sha256_fd(fd: int, size: int, on_bytes: Callable[[int], None] | None = None,
     return digest.hexdigest()
 
 
+def sha256_file(path: str | os.PathLike[str], on_bytes: Callable[[int], None] | None = None) -> str:
+    """The sha256 of the file at PATH (:func:`sha256_fd`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return sha256_fd(fd, os.fstat(fd).st_size, on_bytes)
+    finally:
+        os.close(fd)
+
+
 class ChunkReader:
     """``read(n)`` over an iterator of byte chunks (for :func:`parallel_gunzip` after age)."""
 

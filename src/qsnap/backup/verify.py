@@ -20,14 +20,21 @@ from typing import Any
 from qsnap.backup import qemu
 from qsnap.backup.model import Check, VerifyReport, load_manifest
 from qsnap.backup.qcow2stream import Malformed, StreamChecker
-from qsnap.backup.source import COMPRESSED_DATA, DATA, UNALLOCATED, ZERO, SourceReader, Unsupported
-from qsnap.backup.streams import AsyncHash, ChunkReader, iter_file, keep_block_memory, parallel_gunzip, parallel_unzstd
+from qsnap.backup.source import COMPRESSED_DATA, DATA, UNALLOCATED, SourceReader, Unsupported
+from qsnap.backup.streams import (
+    AsyncHash,
+    ChunkReader,
+    keep_block_memory,
+    parallel_gunzip,
+    parallel_unzstd,
+    sha256_file,
+)
 from qsnap.core.errors import QsnapError, UsageError, VerificationFailed
 from qsnap.core.models import Snapshot
 
 Against = tuple[Path, Snapshot | None]
 DATA_KIND, COMPRESSED_KIND = bytes((DATA,)), bytes((COMPRESSED_DATA,))
-UNALLOCATED_KIND, ZERO_KIND = bytes((UNALLOCATED,)), bytes((ZERO,))
+UNALLOCATED_KIND = bytes((UNALLOCATED,))
 
 
 def verify_backup(
@@ -128,13 +135,14 @@ def _verify_one(
 
 def _sha256(path: Path, progress: Callable[[int, int], None] | None, total: int) -> str:
     done = 0
-    with AsyncHash() as digest, open(path, "rb", buffering=0) as handle:
-        for block in iter_file(handle):
-            digest.update(block)
-            done += len(block)
-            if progress:
-                progress(done, total)
-        return digest.hexdigest()
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    return sha256_file(path, tick)
 
 
 def _verify_stream(
@@ -258,19 +266,10 @@ def _guest_block(reader: SourceReader, offset: int, length: int, into: bytearray
     """LENGTH guest bytes at OFFSET, into INTO when given (reused: fresh buffers cost page faults)."""
     if into is None or len(into) != length:
         into = bytearray(length)
-    elif not _fully_mapped(reader, offset, length):  # readinto leaves unmapped bytes as they are
-        into[:] = _zeros(length)
-    reader.image.readinto(offset, into, reader.state)
+        reader.image.readinto(offset, into, reader.state)
+    else:
+        reader.image.readinto(offset, into, reader.state, zeroed=False)
     return into
-
-
-def _fully_mapped(reader: SourceReader, offset: int, length: int) -> bool:
-    """Whether every cluster of the guest range holds data (so reading it overwrites every byte)."""
-    c = reader.cluster_size
-    first, last = offset // c, -(-(offset + length) // c)
-    kinds = reader.mapping.kinds
-    return (offset + length <= reader.virtual_size and kinds.find(UNALLOCATED_KIND, first, last) < 0
-            and kinds.find(ZERO_KIND, first, last) < 0)
 
 
 _ZEROS: dict[int, bytes] = {}

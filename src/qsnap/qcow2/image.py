@@ -470,10 +470,12 @@ class Qcow2Image:
         return bytes(buf)
 
     def readinto(
-        self, offset: int, buffer: bytearray | memoryview, snapshot: Snapshot | fmt.SnapshotEntry | str | None = None
+        self, offset: int, buffer: bytearray | memoryview, snapshot: Snapshot | fmt.SnapshotEntry | str | None = None,
+        *, zeroed: bool = True,
     ) -> None:
-        """Fill BUFFER (which must hold zeros) with guest bytes at OFFSET."""
-        self._fill(self.layer(snapshot), offset, memoryview(buffer).cast("B"))
+        """Fill BUFFER with guest bytes at OFFSET. ZEROED: BUFFER already holds zeros (a fresh
+        buffer), so ranges that read as zeros are skipped; pass False for a reused buffer."""
+        self._fill(self.layer(snapshot), offset, memoryview(buffer).cast("B"), zeroed)
 
     def iter_data(
         self, snapshot: Snapshot | fmt.SnapshotEntry | str | None = None, chunk_size: int = 8 << 20
@@ -489,14 +491,16 @@ class Qcow2Image:
         while offset < layer.disk_size:
             n = min(chunk_size, layer.disk_size - offset)
             chunk = view[:n]
-            chunk[:] = bytes(n) if offset else chunk  # first chunk is fresh zeros
-            self._fill(layer, offset, chunk)
+            self._fill(layer, offset, chunk, zeroed=not offset)  # the first chunk is fresh zeros
             yield offset, chunk
             offset += n
 
-    def _fill(self, layer: Layer, offset: int, view: memoryview) -> None:
-        """Write the guest bytes at OFFSET into VIEW, which holds zeros."""
+    def _fill(self, layer: Layer, offset: int, view: memoryview, zeroed: bool = True) -> None:
+        """Write the guest bytes at OFFSET into VIEW; ZEROED: VIEW holds zeros already, so the
+        ranges that read as zeros (zero, unallocated, past the disk's end) are left alone."""
         end = offset + len(view)
+        if not zeroed and end > layer.disk_size:
+            view[max(0, layer.disk_size - offset) :] = bytes(end - max(offset, layer.disk_size))
         if offset >= layer.disk_size or not len(view):
             return
         self._check_data_readable()
@@ -516,7 +520,10 @@ class Qcow2Image:
             if ext.kind == COMPRESSED:
                 cluster = self._decompress(ext.host_offset, ext.compressed_size)
                 dst[:] = cluster[ext.cluster_offset : ext.cluster_offset + ext.length]
-            elif ext.kind == UNALLOCATED:
+                continue
+            if not zeroed:  # zero or unallocated: zeros, or the backing file's bytes over zeros
+                dst[:] = bytes(len(dst))
+            if ext.kind == UNALLOCATED:
                 backing = self._backing_image()
                 if backing is not None and ext.offset < backing.virtual_size:
                     n = min(ext.length, backing.virtual_size - ext.offset)
