@@ -16,9 +16,9 @@ import pytest
 from ops_testlib import clean_environ, qemu_img, run_cli
 
 from qsnap import service
-from qsnap.cli.commands.ops import render_tree
 from qsnap.cli.env import Environment
 from qsnap.cli.invocation import Invocation
+from qsnap.cli.render_tree import render_tree
 from qsnap.core.errors import UsageError
 from qsnap.service import audit
 from qsnap.service.history import build_tree, expand_placeholders

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from qsnap.cli.env import Environment
 from qsnap.cli.invocation import Invocation
-from qsnap.cli.main import ArgumentParser, add_common, dispatch
+from qsnap.cli.main import dispatch
+from qsnap.cli.options import ArgumentParser, add_common
 
 USAGE_EPILOG = """\
 commands:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from qsnap import __version__
 from qsnap.cli.env import Environment
 from qsnap.cli.invocation import Invocation
+from qsnap.cli.options import ArgumentParser, UsageExit, add_common
 from qsnap.core.errors import Interrupted, QsnapError
 
 EPILOG = """\
@@ -21,30 +22,6 @@ exit codes: 0 ok, 1 unexpected error, 2 usage, 3 snapshot not found, 4 snapshot 
 image: -i IMAGE, else $QCOW2_IMAGE, else $IMAGE_PATH (path or glob), else
 ./debian-hurd-amd64-*.qcow2, then ./debian-hurd-amd64.qcow2.
 """
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so main() can return the exit code."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageExit(f"{self.prog}: error: {message}\n{self.format_usage().rstrip()}")
-
-
-class _UsageExit(Exception):
-    pass
-
-
-def add_common(parser: argparse.ArgumentParser, *, json: bool = False) -> None:
-    """Options accepted both before and after the subcommand."""
-    parser.add_argument("-i", "--image", default=argparse.SUPPRESS, help="qcow2 image to work on")
-    parser.add_argument("--monitor", default=argparse.SUPPRESS,
-                        help="QEMU monitor address of the VM (unix:PATH, tcp:HOST:PORT, telnet:HOST:PORT, PORT)")
-    parser.add_argument("--vm", default=argparse.SUPPRESS,
-                        help="how to stop/start the VM when needed: qsnap (default) or compose:SERVICE[@FILE]")
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the commands run and tracebacks")
-    if json:
-        parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def build_parser() -> ArgumentParser:
@@ -99,7 +76,7 @@ def dispatch(
             env.stderr.write(parser.format_help())
             return 2
         return handler(Invocation(args, env, prog, argv))
-    except _UsageExit as exc:
+    except UsageExit as exc:
         env.err(str(exc))
         return 2
     except KeyboardInterrupt:

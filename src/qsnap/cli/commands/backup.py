@@ -15,7 +15,7 @@ from qsnap.cli.invocation import Invocation
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from qsnap.cli.main import add_common
+    from qsnap.cli.options import add_common
 
     p = sub.add_parser("backup", help="export a snapshot (or @current) into a file")
     add_common(p, json=True)

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from qsnap.cli.main import add_common
+    from qsnap.cli.options import add_common
 
     p = sub.add_parser("list", help="list the image's snapshots")
     add_common(p, json=True)
@@ -86,7 +86,7 @@ def cmd_list(inv: Invocation) -> int:
     from qsnap import service
 
     if inv.args.tree:
-        from qsnap.cli.commands.ops import render_tree
+        from qsnap.cli.render_tree import render_tree
         from qsnap.service.history import build_tree
 
         render_tree(inv, build_tree(inv.image(), inv.context()))

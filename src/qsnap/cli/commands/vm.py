@@ -8,7 +8,7 @@ from qsnap.cli.invocation import Invocation
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from qsnap.cli.main import ArgumentParser, add_common
+    from qsnap.cli.options import ArgumentParser, add_common
 
     vm = sub.add_parser("vm", help="start, stop or inspect the image's VM")
     vm_sub: argparse._SubParsersAction[argparse.ArgumentParser] = vm.add_subparsers(
