@@ -35,14 +35,15 @@ DOCUMENTED = {
     0: "ok", 1: "unexpected error", 2: "usage", 3: "snapshot not found", 4: "snapshot already exists",
     5: "ambiguous snapshot", 6: "invalid name", 7: "image missing, unreadable or not qcow2",
     8: "image in use", 9: "program missing", 10: "image corrupt", 11: "verification failed",
-    12: "monitor or VM error", 13: "output exists", 130: "interrupted",
+    12: "monitor or VM error", 13: "output exists", 14: "no readable guest filesystem",
+    15: "guest path not found", 130: "interrupted",
 }
 
 CLASS_CODES = {
     "QsnapError": 1, "ProcessError": 1, "UsageError": 2, "SnapshotNotFound": 3, "SnapshotExists": 4,
     "AmbiguousSnapshot": 5, "InvalidName": 6, "ImageError": 7, "ImageInUse": 8, "LockBusy": 8,
     "ProgramMissing": 9, "CorruptImage": 10, "VerificationFailed": 11, "MonitorError": 12,
-    "OutputExists": 13, "Interrupted": 130,
+    "OutputExists": 13, "Interrupted": 130, "CorruptFilesystem": 10, "GuestFsError": 14, "GuestPathNotFound": 15,
 }
 
 
@@ -205,6 +206,26 @@ def test_code_13_output_exists(tmp_path: Path, runner: str) -> None:
     assert rc == 13, err
     one_error_line(err, runner)
     assert output.read_bytes() == b"keep me"
+
+
+def test_code_14_no_guest_filesystem(tmp_path: Path) -> None:
+    image = make_image(tmp_path, snapshots=["A"])  # a blank disk: no partition table, no filesystem
+    rc, _, err = run_qsnap("-i", image, "ls", "A:/")
+    assert rc == 14, err
+    one_error_line(err)
+    assert "No ext2/ext3/ext4 filesystem" in err
+
+
+def test_code_15_guest_path_not_found(tmp_path: Path) -> None:
+    fs = tmp_path / "fs.raw"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext2", "-o", "hurd", str(fs), "8M"], check=True)
+    image = tmp_path / "disk.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(fs), str(image))
+    qemu_img("snapshot", "-c", "A", str(image))
+    rc, _, err = run_qsnap("-i", image, "cat", "A:/tmp/test.txt")
+    assert rc == 15, err
+    one_error_line(err)
+    assert "/tmp/test.txt" in err
 
 
 def test_code_130_interrupted_while_waiting_for_the_lock(tmp_path: Path) -> None:

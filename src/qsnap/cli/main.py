@@ -17,7 +17,8 @@ EPILOG = """\
 exit codes: 0 ok, 1 unexpected error, 2 usage, 3 snapshot not found, 4 snapshot exists,
 5 ambiguous snapshot, 6 invalid name, 7 image missing/unreadable/not qcow2, 8 image in use,
 9 program missing, 10 image corrupt, 11 verification failed, 12 monitor/VM error,
-13 output exists, 130 interrupted.
+13 output exists, 14 no readable guest filesystem, 15 guest path not found,
+130 interrupted.
 
 image: -i IMAGE, else $QCOW2_IMAGE, else $IMAGE_PATH (path or glob), else
 ./debian-hurd-amd64-*.qcow2, then ./debian-hurd-amd64.qcow2.

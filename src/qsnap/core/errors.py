@@ -12,10 +12,14 @@ program carry their evidence (argv, exit status, stderr).
     ├── AmbiguousSnapshot         5  duplicate or numeric names: pick one with --id
     ├── InvalidName               6
     ├── ImageError                7  missing, unreadable, not qcow2
+    ├── TargetError               7  a backup target (s3://, restic:) unreachable, refusing access, missing
     ├── ImageInUse                8  a running QEMU holds the image (write lock)
     │   └── LockBusy              8  another qsnap is working on the image
     ├── ProgramMissing            9  qemu-img & co. not installed
     ├── CorruptImage             10  the image is damaged
+    │   └── CorruptFilesystem    10  the guest filesystem or partition table is damaged
+    ├── GuestFsError             14  no readable guest filesystem (unsupported kind or feature)
+    ├── GuestPathNotFound        15  no such file in the guest filesystem
     ├── VerificationFailed       11  a backup or copy does not match
     ├── MonitorError             12  the QEMU monitor refused, hung or went away
     │   └── DiskOnlySnapshot     12  no VM state: cannot be loaded into a running VM
@@ -84,6 +88,12 @@ class ImageError(QsnapError):
     exit_code = 7
 
 
+class TargetError(QsnapError):
+    """The backup target is unreachable, refuses access or does not exist."""
+
+    exit_code = 7
+
+
 class ImageInUse(QsnapError):
     """The image is in use by a running VM."""
 
@@ -104,6 +114,22 @@ class CorruptImage(QsnapError):
     """The image is corrupt."""
 
     exit_code = 10
+
+
+class CorruptFilesystem(CorruptImage):
+    """The guest filesystem (or its partition table) is damaged."""
+
+
+class GuestFsError(QsnapError):
+    """The guest filesystem cannot be read (none found, or a kind or feature qsnap does not read)."""
+
+    exit_code = 14
+
+
+class GuestPathNotFound(QsnapError):
+    """No such file or directory in the guest filesystem."""
+
+    exit_code = 15
 
 
 class VerificationFailed(QsnapError):
@@ -178,10 +204,14 @@ ALL_ERRORS: tuple[type[QsnapError], ...] = (
     AmbiguousSnapshot,
     InvalidName,
     ImageError,
+    TargetError,
     ImageInUse,
     LockBusy,
     ProgramMissing,
     CorruptImage,
+    CorruptFilesystem,
+    GuestFsError,
+    GuestPathNotFound,
     VerificationFailed,
     MonitorError,
     DiskOnlySnapshot,

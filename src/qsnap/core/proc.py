@@ -7,9 +7,11 @@ becomes :class:`ProgramMissing` with the package that provides it.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -31,6 +33,8 @@ PACKAGES: Mapping[str, str] = {
     "qemu-storage-daemon": "qemu-system-common",
     "qemu-system-x86_64": "qemu-system-x86",
     "docker": "docker.io",
+    "restic": "restic",
+    "e2fsck": "e2fsprogs",
 }
 
 
@@ -106,3 +110,98 @@ def spawn(
         )
     except FileNotFoundError as exc:
         raise missing_program(argv[0]) from exc
+
+
+def _drain(stream: IO[bytes], into: list[bytes]) -> threading.Thread:
+    """Read STREAM to its end on a thread (a full pipe must never block the child)."""
+
+    def run() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for block in iter(lambda: stream.read(65536), b""):
+                into.append(block)
+
+    thread = threading.Thread(target=run, name="qsnap-proc-drain", daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Kill PROC (by its PID, through Popen) if it still runs, and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            proc.kill()
+    with contextlib.suppress(Exception):
+        proc.wait(timeout=30)
+
+
+def feed(
+    argv: Sequence[str],
+    chunks: Iterable[bytes | bytearray | memoryview],
+    *,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> Result:
+    """Run ARGV with CHUNKS written to its stdin (streamed, bounded memory); capture its output.
+
+    If the program exits early (a closed pipe), the rest of CHUNKS is not consumed and its exit
+    status tells what went wrong. Any exception from CHUNKS (or Ctrl-C) kills the program first.
+    """
+    argv = [str(a) for a in argv]
+    proc = spawn(argv, stdin=subprocess.PIPE, env=env)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    out: list[bytes] = []
+    err: list[bytes] = []
+    readers = [_drain(proc.stdout, out), _drain(proc.stderr, err)]
+    try:
+        try:
+            for chunk in chunks:
+                proc.stdin.write(chunk)
+        except BrokenPipeError:
+            pass
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        proc.wait()
+    except KeyboardInterrupt as exc:
+        _stop(proc)
+        raise Interrupted(f"Interrupted while running {argv[0]}.") from exc
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        for thread in readers:
+            thread.join(timeout=30)
+    result = Result(tuple(argv), proc.returncode, b"".join(out).decode(errors="replace"),
+                    b"".join(err).decode(errors="replace"))
+    if proc.returncode != 0:
+        _debug("exit %d: %s", proc.returncode, result.stderr.strip())
+        if check:
+            raise ProcessError(argv, proc.returncode, result.stdout, result.stderr)
+    return result
+
+
+@contextlib.contextmanager
+def reading(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> Iterator[IO[bytes]]:
+    """Run ARGV and yield its stdout to read as a stream; on leaving, wait for it and raise
+    :class:`ProcessError` if it failed (or kill it, when the reader stopped early)."""
+    argv = [str(a) for a in argv]
+    proc = spawn(argv, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    err: list[bytes] = []
+    reader = _drain(proc.stderr, err)
+    try:
+        yield proc.stdout
+    except KeyboardInterrupt as exc:
+        _stop(proc)
+        raise Interrupted(f"Interrupted while running {argv[0]}.") from exc
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+    proc.wait()
+    reader.join(timeout=30)
+    if proc.returncode != 0:
+        stderr = b"".join(err).decode(errors="replace")
+        _debug("exit %d: %s", proc.returncode, stderr.strip())
+        raise ProcessError(argv, proc.returncode, "", stderr)

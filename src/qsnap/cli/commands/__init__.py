@@ -9,6 +9,7 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 
 def COMMAND_MODULES() -> list[Register]:
-    from qsnap.cli.commands import backup, ops, snapshots, vm
+    from qsnap.cli.commands import backup, compact, guest, offsite, ops, snapshots, vm
 
-    return [snapshots.register, backup.register, ops.register, vm.register]
+    return [snapshots.register, backup.register, ops.register, vm.register, offsite.register, guest.register,
+            compact.register]

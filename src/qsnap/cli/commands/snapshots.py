@@ -55,8 +55,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_common(p, json=True)
     p.add_argument("a", metavar="A", help="snapshot name, or @current")
     p.add_argument("b", metavar="B", help="snapshot name, or @current")
+    p.add_argument("path", metavar="PATH", nargs="?", help="with --files: only under this guest path")
     p.add_argument("--a-id", metavar="N", help="select A by ID")
     p.add_argument("--b-id", metavar="N", help="select B by ID")
+    p.add_argument("--files", action="store_true",
+                   help="which guest files were added, removed, modified or renamed (ext2/3/4, GNU/Hurd's ext2)")
+    p.add_argument("--content", metavar="GUEST_PATH", help="a unified diff of one text file between A and B")
+    p.add_argument("--partition", type=int, metavar="N", help="with --files/--content: the partition (qsnap parts)")
     p.set_defaults(handler=cmd_diff)
 
     p = sub.add_parser("check", help="qemu-img check, with its verdict as the exit code")
@@ -232,7 +237,32 @@ def cmd_info(inv: Invocation) -> int:
 
 def cmd_diff(inv: Invocation) -> int:
     from qsnap.cli.render_space import render_diff
+    from qsnap.core.errors import UsageError
     from qsnap.service.inspection import diff
+
+    args = inv.args
+    if args.content is not None:
+        from qsnap.service.filediff import content_diff
+
+        for line in content_diff(inv.image(), args.a, args.b, args.content, a_id=args.a_id, b_id=args.b_id,
+                                 partition=args.partition):
+            inv.out(line)
+        return 0
+    if args.files:
+        from qsnap.cli.commands.guest import render_file_diff
+        from qsnap.service.filediff import diff_files
+
+        files = diff_files(inv.image(), args.a, args.b, args.path or "/", a_id=args.a_id, b_id=args.b_id,
+                           partition=args.partition)
+        for warning in files.warnings:
+            inv.note(f"warning: {warning}")
+        if inv.json:
+            inv.emit_json(files.to_json())
+        else:
+            render_file_diff(inv, files)
+        return 0
+    if args.path is not None or args.partition is not None:
+        raise UsageError("PATH and --partition go with --files or --content.")
 
     report = diff(inv.image(), inv.args.a, inv.args.b, a_id=inv.args.a_id, b_id=inv.args.b_id)
     if inv.json:
