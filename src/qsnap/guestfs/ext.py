@@ -28,6 +28,7 @@ from qsnap.guestfs import extformat as ef
 from qsnap.guestfs.device import CachedDevice
 
 _U32 = struct.Struct("<I")
+_EXTRA_TIMES = struct.Struct("<I4xI")  # i_mtime_extra (0x88), i_crtime (0x90)
 _CRC_MASK = 0xFFFFFFFF
 MAX_SYMLINK_HOPS = 40
 
@@ -69,42 +70,39 @@ class Inode:
     blocks: int
 
     def __init__(self, ino: int, raw: bytes, hurd: bool, huge: bool, wide_blocks: bool) -> None:
-        v = dict(zip(ef.INODE_NAMES, ef.INODE_STRUCT.unpack_from(raw), strict=True))
+        # One unpack into locals, in INODE_FIELDS order (this runs once per file listed).
+        (mode, uid, size_lo, self.atime, self.ctime, mtime, self.dtime, gid, self.links, blocks_lo, flags, osd1,
+         self.block, self.generation, file_acl_lo, size_high, osd2_0, osd2_1, uid_high, gid_high,
+         osd2_4) = ef.INODE_STRUCT.unpack_from(raw)
         self.ino = ino
         self.raw = raw
-        mode = v["mode"]
-        self.flags = v["flags"]
-        self.uid = v["uid"] | v["uid_high"] << 16
-        self.gid = v["gid"] | v["gid_high"] << 16
-        self.size = v["size_lo"] | v["size_high"] << 32
-        self.atime, self.ctime, self.mtime, self.dtime = v["atime"], v["ctime"], v["mtime"], v["dtime"]
-        self.links = v["links_count"]
-        self.block = v["block"]
-        self.generation = v["generation"]
+        self.flags = flags
+        self.uid = uid | uid_high << 16
+        self.gid = gid | gid_high << 16
+        self.size = size_lo | size_high << 32
         self.crtime = 0
         self.mtime_ns = 0
         if hurd:
-            self.translator_block = v["osd1"]
-            mode |= v["osd2_1"] << 16  # h_i_mode_high
-            self.author = v["osd2_4"]
-            self.file_acl = v["file_acl_lo"]
-            blocks = v["blocks_lo"]
+            self.translator_block = osd1
+            mode |= osd2_1 << 16  # h_i_mode_high
+            self.author = osd2_4
+            self.file_acl = file_acl_lo
+            blocks = blocks_lo
         else:
             self.translator_block = 0
             self.author = None
-            self.file_acl = v["file_acl_lo"] | v["osd2_1"] << 32  # l_i_file_acl_high
-            blocks = v["blocks_lo"] | (v["osd2_0"] << 32 if wide_blocks else 0)  # l_i_blocks_high
-            if huge and self.flags & ef.FL_HUGE_FILE:
+            self.file_acl = file_acl_lo | osd2_1 << 32  # l_i_file_acl_high
+            blocks = blocks_lo | (osd2_0 << 32 if wide_blocks else 0)  # l_i_blocks_high
+            if huge and flags & ef.FL_HUGE_FILE:
                 blocks = -blocks  # in filesystem blocks: the caller scales it (see ExtFilesystem.inode)
         self.blocks = blocks
         self.mode = mode
-        if len(raw) > ef.GOOD_OLD_INODE_SIZE:
-            extra = _U32.unpack_from(raw, 0x80)[0] & 0xFFFF
-            if extra >= 0x18 and len(raw) >= 0x98:
-                x = dict(zip(ef.INODE_EXTRA_NAMES, ef.INODE_EXTRA_STRUCT.unpack_from(raw), strict=True))
-                self.mtime_ns = x["mtime_extra"] >> 2
-                self.mtime |= (x["mtime_extra"] & 3) << 32
-                self.crtime = x["crtime"]
+        if len(raw) > ef.GOOD_OLD_INODE_SIZE and (raw[0x80] | raw[0x81] << 8) >= 0x18 and len(raw) >= 0x98:
+            mtime_extra, crtime = _EXTRA_TIMES.unpack_from(raw, 0x88)
+            self.mtime_ns = mtime_extra >> 2
+            mtime |= (mtime_extra & 3) << 32
+            self.crtime = crtime
+        self.mtime = mtime
 
     @property
     def file_type(self) -> str:
@@ -332,18 +330,21 @@ class ExtFilesystem:
         return inode
 
     def _inode_seed(self, ino: int, generation: int) -> int:
-        return crc32c_raw(crc32c_raw(self.csum_seed, _U32.pack(ino)), _U32.pack(generation))
+        return crc32c_raw(self.csum_seed, _U32.pack(ino) + _U32.pack(generation))
 
     def _check_inode_csum(self, ino: int, raw: bytes) -> None:
-        buf = bytearray(raw)
-        stored = buf[ef.INODE_CHECKSUM_LO] | buf[ef.INODE_CHECKSUM_LO + 1] << 8
-        buf[ef.INODE_CHECKSUM_LO : ef.INODE_CHECKSUM_LO + 2] = b"\0\0"
+        """crc32c(seed, inode number, generation, the inode with both checksum fields zeroed)."""
+        lo = ef.INODE_CHECKSUM_LO
+        stored = raw[lo] | raw[lo + 1] << 8
         has_hi = len(raw) > ef.GOOD_OLD_INODE_SIZE and (raw[0x80] | raw[0x81] << 8) >= 4
+        hi = ef.INODE_CHECKSUM_HI
         if has_hi:
-            stored |= (buf[ef.INODE_CHECKSUM_HI] | buf[ef.INODE_CHECKSUM_HI + 1] << 8) << 16
-            buf[ef.INODE_CHECKSUM_HI : ef.INODE_CHECKSUM_HI + 2] = b"\0\0"
+            stored |= (raw[hi] | raw[hi + 1] << 8) << 16
+            body = b"".join((raw[:lo], b"\0\0", raw[lo + 2 : hi], b"\0\0", raw[hi + 2 :]))
+        else:
+            body = b"".join((raw[:lo], b"\0\0", raw[lo + 2 :]))
         generation = _U32.unpack_from(raw, 0x64)[0]
-        want = crc32c_raw(self._inode_seed(ino, generation), buf)
+        want = crc32c_raw(self.csum_seed, b"".join((_U32.pack(ino), _U32.pack(generation), body)))
         if not has_hi:
             want &= 0xFFFF
         if want != stored:
@@ -612,7 +613,8 @@ class ExtFilesystem:
             if length > self.block_size - 2:
                 raise CorruptFilesystem(f"Inode {inode.ino}'s translator record is longer than its block.")
             return raw[2 : 2 + length]
-        if self.compat & ef.COMPAT_EXT_ATTR and (inode.file_acl or len(inode.raw) > ef.GOOD_OLD_INODE_SIZE):
+        has_xattrs = inode.file_acl or len(inode.raw) > ef.GOOD_OLD_INODE_SIZE
+        if self.hurd and self.compat & ef.COMPAT_EXT_ATTR and has_xattrs:
             value = self.xattrs(inode).get("gnu.translator")
             if value is not None:
                 return value
@@ -656,30 +658,37 @@ class ExtFilesystem:
                 want = crc32c_raw(self._inode_seed(inode.ino, inode.generation), raw[: end - 12])
                 if want != _U32.unpack_from(raw, end - 4)[0]:
                     raise CorruptFilesystem(f"Directory block {block} of inode {inode.ino} fails its checksum.")
+        # The hot loop of every listing: locals only, one unpack per entry, checks batched per block.
         pos = 0
-        ft = self.filetype
+        unpack = (ef.DIRENT_FT if self.filetype else ef.DIRENT).unpack_from
+        types = ef.DIR_FILE_TYPES if self.filetype else {}
+        big = self.block_size >= 65536
+        names: list[bytes] = []
+        max_ino = 0
+        append = out.append
         while pos + 8 <= end:
-            if ft:
-                ino, rec_len, name_len, ftype = ef.DIRENT_FT.unpack_from(raw, pos)
-            else:
-                ino, rec_len, name_len = ef.DIRENT.unpack_from(raw, pos)
-                ftype = 0
-            if self.block_size >= 65536 and rec_len in (0, 65535):
-                rec_len = 65536 if rec_len == 65535 or not rec_len else rec_len
-            if rec_len < 8 or rec_len % 4 or pos + rec_len > end or (ino and 8 + name_len > rec_len):
+            ino, rec_len, name_len, *ftype = unpack(raw, pos)
+            if big and rec_len in (0, 65535):
+                rec_len = 65536
+            if rec_len < 8 or rec_len & 3 or pos + rec_len > end or (ino and 8 + name_len > rec_len):
                 raise CorruptFilesystem(
                     f"Directory inode {inode.ino} has a damaged entry at byte {pos} of block {block} "
                     f"(rec_len {rec_len}, name length {name_len})."
                 )
             if ino:
                 name = raw[pos + 8 : pos + 8 + name_len]
-                if not name or b"/" in name or b"\0" in name:
-                    raise CorruptFilesystem(
-                        f"Directory inode {inode.ino} holds an entry with an invalid name {name!r}.")
-                if ino > self.inodes_count:
-                    raise CorruptFilesystem(f"Directory inode {inode.ino} names inode {ino}, past the inode count.")
-                out.append(DirEntry(name, ino, ef.DIR_FILE_TYPES.get(ftype) if ft else None))
+                names.append(name)
+                if ino > max_ino:
+                    max_ino = ino
+                append(DirEntry(name, ino, types.get(ftype[0]) if ftype else None))
             pos += rec_len
+        if names:
+            joined = b"/".join(names)
+            if b"\0" in joined or joined.count(b"/") != len(names) - 1 or b"//" in b"/" + joined + b"/":
+                bad = next(n for n in names if not n or b"/" in n or b"\0" in n)
+                raise CorruptFilesystem(f"Directory inode {inode.ino} holds an entry with an invalid name {bad!r}.")
+            if max_ino > self.inodes_count:
+                raise CorruptFilesystem(f"Directory inode {inode.ino} names inode {max_ino}, past the inode count.")
 
     # ------------------------------------------------------------------ paths
 

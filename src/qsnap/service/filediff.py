@@ -171,7 +171,6 @@ class _FileDiff:
         self.a, self.b, self.changed, self.report = a, b, changed, report
         self.changed_inodes: set[int] = set()
         self.explained: list[tuple[int, int]] = []
-        self.files_seen: dict[str, int] = {}  # path -> inode number, for the full scan
 
     # -- 1. inodes whose table slots changed
     def find_changed_inodes(self) -> None:
@@ -259,6 +258,7 @@ class _FileDiff:
     # -- 2. the trees
     def entries(self, side: _Side, inode: Inode) -> dict[bytes, DirEntry]:
         self.report.directories_decoded += 1
+        self._explain_inode(side, inode)  # its blocks are compared here, whatever its inode says
         return {e.name: e for e in side.fs.dir_entries(inode) if e.name not in (b".", b"..")}
 
     def dir_unchanged(self, ino: int, inode: Inode) -> bool:
@@ -273,11 +273,12 @@ class _FileDiff:
         return all(not self.changed.touches(b, 1) for b in fs.metadata_map_blocks(inode))
 
     def compare(self, root: str, root_a: int | None, root_b: int | None) -> None:
-        stack: list[tuple[str, int | None, int | None]] = [(root, root_a, root_b)]
+        # (path, inode in A, inode in B, type from the directory entry when the filesystem records it)
+        stack: list[tuple[str, int | None, int | None, str | None]] = [(root, root_a, root_b, None)]
         seen_a: set[int] = set()
         seen_b: set[int] = set()
         while stack:
-            path, ia, ib = stack.pop()
+            path, ia, ib, hint = stack.pop()
             if ia is None:
                 assert ib is not None
                 self.added_tree(path, ib)
@@ -285,12 +286,13 @@ class _FileDiff:
             if ib is None:
                 self.removed_tree(path, ia)
                 continue
-            node_a, node_b = self.a.inode(ia), self.b.inode(ib)
-            self.files_seen[path] = ib
-            if not (node_a.is_dir and node_b.is_dir):
-                self.compare_nodes(path, node_a, node_b)
-                continue
+            if ia == ib and ia not in self.changed_inodes and hint is not None and hint != "dir":
+                continue  # the same, unchanged inode: nothing to read (a raw write is the full scan's job)
+            node_b = self.b.inode(ib)
+            node_a = node_b if ia == ib and ia not in self.changed_inodes else self.a.inode(ia)
             self.compare_nodes(path, node_a, node_b)
+            if not (node_a.is_dir and node_b.is_dir):
+                continue
             if ia in seen_a or ib in seen_b:
                 from qsnap.core.errors import CorruptFilesystem
 
@@ -299,10 +301,18 @@ class _FileDiff:
             seen_b.add(ib)
             entries_b = self.entries(self.b, node_b)
             same = ia == ib and self.dir_unchanged(ib, node_b)
-            entries_a = entries_b if same else self.entries(self.a, node_a)
+            if same:  # one decoded directory serves both sides; unchanged files need no visit at all
+                changed = self.changed_inodes
+                for name, eb in sorted(entries_b.items(), reverse=True):
+                    if eb.file_type not in (None, "dir") and eb.ino not in changed:
+                        continue
+                    stack.append((join(path, decode_name(name)), eb.ino, eb.ino, eb.file_type))
+                continue
+            entries_a = self.entries(self.a, node_a)
             for name in sorted(set(entries_a) | set(entries_b), reverse=True):
                 ea, eb = entries_a.get(name), entries_b.get(name)
-                stack.append((join(path, decode_name(name)), ea.ino if ea else None, eb.ino if eb else None))
+                kind = eb.file_type if eb is not None and ea is not None and ea.file_type == eb.file_type else None
+                stack.append((join(path, decode_name(name)), ea.ino if ea else None, eb.ino if eb else None, kind))
 
     def compare_nodes(self, path: str, na: Inode, nb: Inode) -> None:
         if na.ino == nb.ino and na.ino not in self.changed_inodes:
@@ -344,7 +354,6 @@ class _FileDiff:
     def added_tree(self, path: str, ino: int) -> None:
         for sub, inode in self._subtree(self.b, path, ino):
             self.report.changes.append(Change(sub, "added", inode.file_type))
-            self.files_seen[sub] = inode.ino
 
     def removed_tree(self, path: str, ino: int) -> None:
         for sub, inode in self._subtree(self.a, path, ino):
@@ -413,7 +422,11 @@ class _FileDiff:
 
     def full_scan(self) -> None:
         reported = {c.path for c in self.report.changes}
-        for path, ino in sorted(self.files_seen.items()):
+        root = self._lookup(self.b, self.report.path)
+        if root is None:
+            return
+        files = {p: inode.ino for p, inode in self._subtree(self.b, self.report.path, root) if inode.is_reg}
+        for path, ino in sorted(files.items()):
             if path in reported:
                 continue
             nb = self.b.inode(ino)

@@ -160,8 +160,12 @@ def children(fs: ExtFilesystem, inode: Inode) -> list[tuple[str, int]]:
     return out
 
 
-def list_dir(state: GuestState, path: str, *, recursive: bool = False) -> Iterator[FileInfo]:
-    """The entries of PATH (or PATH itself when it is not a directory); RECURSIVE: depth first."""
+def list_dir(state: GuestState, path: str, *, recursive: bool = False, details: bool = True) -> Iterator[FileInfo]:
+    """The entries of PATH (or PATH itself when it is not a directory); RECURSIVE: depth first.
+
+    Without DETAILS only path, name and type are filled where the directory entry records the type
+    (the ``filetype`` feature): no inode is read for a plain name listing of files.
+    """
     fs = state.filesystem
     path = normalize(path)
     top = fs.lookup(path, follow=True)
@@ -173,14 +177,21 @@ def list_dir(state: GuestState, path: str, *, recursive: bool = False) -> Iterat
     while stack:
         dir_path, inode = stack.pop()
         subdirs = []
-        for name, ino in children(fs, inode):
-            child = fs.inode(ino)
+        for entry in sorted(fs.dir_entries(inode)):
+            if entry.name in (b".", b".."):
+                continue
+            name = decode_name(entry.name)
             entry_path = join(dir_path, name)
-            yield file_info(fs, child, entry_path, name)
+            if not details and entry.file_type is not None and entry.file_type != "dir":
+                yield FileInfo(entry_path, name, entry.file_type, entry.ino, 0, 0, 0, 0, 0, 0, 0)
+                continue
+            child = fs.inode(entry.ino)
+            yield file_info(fs, child, entry_path, name) if details else \
+                FileInfo(entry_path, name, child.file_type, entry.ino, child.mode, 0, 0, 0, 0, 0, 0)
             if recursive and child.is_dir:
-                if ino in seen:
-                    raise CorruptFilesystem(f"Directory inode {ino} appears twice ({entry_path}): a loop.")
-                seen.add(ino)
+                if entry.ino in seen:
+                    raise CorruptFilesystem(f"Directory inode {entry.ino} appears twice ({entry_path}): a loop.")
+                seen.add(entry.ino)
                 subdirs.append((entry_path, child))
         stack.extend(reversed(subdirs))
 

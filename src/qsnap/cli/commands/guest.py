@@ -98,13 +98,23 @@ def _mode_string(info: FileInfo) -> str:
     return text
 
 
+_DATES: dict[int, str] = {}
+
+
+def _date(mtime: int) -> str:
+    text = _DATES.get(mtime)
+    if text is None:
+        from datetime import datetime
+
+        text = _DATES[mtime] = datetime.fromtimestamp(mtime).strftime("%Y-%m-%d %H:%M")
+    return text
+
+
 def _format_entry(info: FileInfo, long: bool, show_path: bool) -> str:
     name = info.path if show_path else info.name
     if not long:
         return name
-    from datetime import datetime
-
-    when = datetime.fromtimestamp(info.mtime).strftime("%Y-%m-%d %H:%M")
+    when = _date(info.mtime)
     line = f"{_mode_string(info)} {info.links:>3} {info.uid:>5} {info.gid:>5} {info.size:>10} {when} {name}"
     if info.target is not None:
         line += f" -> {info.target}"
@@ -118,7 +128,7 @@ def cmd_ls(inv: Invocation) -> int:
 
     state, path = _open(inv)
     with state:
-        entries = list_dir(state, path, recursive=inv.args.recursive)
+        entries = list_dir(state, path, recursive=inv.args.recursive, details=inv.json or inv.args.long)
         if inv.json:
             fs = state.filesystem
             inv.emit_json({"image": str(state.image_path), "state": state.label, "path": path,
