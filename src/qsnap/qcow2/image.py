@@ -531,6 +531,24 @@ class Qcow2Image:
         if run_len:
             _pread_into(self._fd, view[run_guest - offset : run_guest - offset + run_len], run_host, self.file_size)
 
+    def vm_state_offset(self, snapshot: Snapshot | fmt.SnapshotEntry | str) -> int:
+        """Where SNAPSHOT's VM state starts in its L1 range: right after the guest disk,
+        at the first L1 entry past it (QEMU's qcow2_vm_state_offset: l1_vm_state_index <<
+        (cluster_bits + l2_bits), l1_vm_state_index = size_to_l1(disk size))."""
+        layer = self.layer(snapshot)
+        l1_index = fmt.size_to_l1(layer.disk_size, self.cluster_bits, self.l2_entries)
+        return l1_index * self.l2_entries << self.cluster_bits
+
+    def read_vm_state(self, snapshot: Snapshot | fmt.SnapshotEntry | str, offset: int, length: int) -> bytes:
+        """LENGTH bytes of SNAPSHOT's saved VM state (RAM and devices) from OFFSET in it.
+        Bytes of the VM-state area nothing was written to read as zeros."""
+        layer = self.layer(snapshot)
+        base = self.vm_state_offset(snapshot)
+        span = Layer(layer.what, layer.l1_offset, layer.l1_size, base + offset + length, layer.l1)
+        buf = bytearray(length)
+        self._fill(span, base + offset, memoryview(buf))
+        return bytes(buf)
+
     def _fill_active(self, offset: int, view: memoryview) -> None:
         self._fill(self.active, offset, view)
 

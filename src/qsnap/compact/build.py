@@ -1,0 +1,376 @@
+"""Build the compacted copy of an image, predict its size, and verify it against the source.
+
+:func:`build` replays the source's states into a new qcow2 (see :mod:`qsnap.compact.plan`):
+
+    qemu-img create -f qcow2 -o cluster_size=..,compat=..,extended_l2=..,compression_type=..
+    for each snapshot, in table order:
+        qemu-io: write the ranges that differ from the previous state
+        with VM state: qemu-img snapshot -c TMP; qemu-io write -b (the VM state);
+                       qemu-img snapshot -c PLACEHOLDER; -a TMP; -d TMP
+                       (so the VM state lives only in this snapshot, as after a savevm)
+        without:       qemu-img snapshot -c PLACEHOLDER
+    qemu-io: write the current state's differences
+    rewrite the snapshot table's entries with the source's (qsnap.compact.table)
+
+:func:`predict` counts what those steps allocate without writing anything; :func:`verify`
+compares every snapshot's guest data and VM state, and the current state, through the reader,
+reading bytes only where the L2 entries of consecutive states differ in either image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qsnap.compact import table
+from qsnap.compact.plan import Planner, StepStats
+from qsnap.compact.writer import QemuWriter
+from qsnap.core.errors import ImageError, VerificationFailed
+from qsnap.qcow2 import format as fmt
+from qsnap.qcow2.image import Layer, Qcow2Image
+
+Checkpoint = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+_VM_CHUNK = 4 << 20
+_NOT_COPIED = ~fmt.OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass
+class Prediction:
+    """The new image's size, cluster by cluster, as the build will allocate it."""
+
+    cluster_size: int
+    data_clusters: int = 0
+    compressed_bytes: int = 0
+    compressed_clusters: int = 0
+    l2_tables: int = 0
+    l1_clusters: int = 0
+    vm_state_clusters: int = 0
+    snapshot_table_clusters: int = 0
+    refcount_clusters: int = 0
+    zero_bytes: int = 0
+    steps: int = 0
+
+    @property
+    def size(self) -> int:
+        cs = self.cluster_size
+        return self.clusters * cs
+
+    @property
+    def clusters(self) -> int:
+        cs = self.cluster_size
+        compressed = -(-self.compressed_bytes // cs) if self.compressed_bytes else 0
+        return 1 + self.data_clusters + compressed + self.l2_tables + self.l1_clusters + \
+            self.vm_state_clusters + self.snapshot_table_clusters + self.refcount_clusters
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "predicted_size": self.size,
+            "data_clusters": self.data_clusters,
+            "compressed_clusters": self.compressed_clusters,
+            "l2_tables": self.l2_tables,
+            "l1_clusters": self.l1_clusters,
+            "vm_state_clusters": self.vm_state_clusters,
+            "zero_bytes": self.zero_bytes,
+        }
+
+
+@dataclass
+class BuildResult:
+    prediction: Prediction
+    processes: int = 0
+    snapshots: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def refuse_unsupported(image: Qcow2Image) -> None:
+    """Images compaction does not handle (yet), refused before anything is written."""
+    h = image.header
+    if h.crypt_method:
+        raise ImageError(f"{image.path} is encrypted: compact does not rewrite encrypted images.",
+                         hint="use qemu-img convert with the image's secret (it drops internal snapshots)")
+    if h.incompatible_features & fmt.INCOMPAT_DATA_FILE:
+        raise ImageError(f"{image.path} keeps its data in an external data file: compact does not handle it.")
+    if h.bitmaps is not None and h.autoclear_features & fmt.AUTOCLEAR_BITMAPS and h.bitmaps[0]:
+        raise ImageError(f"{image.path} has persistent dirty bitmaps, which compact would not keep.",
+                         hint="remove them (qemu-img bitmap --remove) or back them up first")
+    for e in image.snapshot_entries():
+        if e.disk_size != image.virtual_size:
+            raise ImageError(
+                f"Snapshot {e.name!r} (ID {e.id}) has a disk size of {e.disk_size} bytes but the image has "
+                f"{image.virtual_size}: compact does not rebuild images resized after a snapshot.")
+    if h.incompatible_features & fmt.INCOMPAT_DIRTY:
+        raise ImageError(f"{image.path} is marked dirty (lazy refcounts, not closed cleanly).",
+                         hint="run 'qemu-img check -r all' on it first")
+
+
+def create_options(image: Qcow2Image) -> list[str]:
+    """The new image's qcow2 settings: those of the source."""
+    h = image.header
+    v3 = h.version >= 3
+    options = [f"cluster_size={image.cluster_size}", f"compat={'1.1' if v3 else '0.10'}"]
+    if v3:
+        options += [
+            f"refcount_bits={h.refcount_bits}",
+            f"extended_l2={'on' if h.extended_l2 else 'off'}",
+            f"compression_type={fmt.COMPRESSION_TYPES[h.compression_type]}",
+            f"lazy_refcounts={'on' if h.compatible_features & fmt.COMPAT_LAZY_REFCOUNTS else 'off'}",
+        ]
+    return options
+
+
+def _backing(image: Qcow2Image) -> tuple[str, str] | None:
+    h = image.header
+    if not h.backing_file:
+        return None
+    fmt_name = h.backing_format
+    if fmt_name is None:
+        path = h.backing_file
+        if not os.path.isabs(path):
+            path = os.path.join(os.path.dirname(os.path.abspath(image.path)), path)
+        with open(path, "rb") as probe:
+            fmt_name = "qcow2" if probe.read(4) == fmt.MAGIC else "raw"
+    return h.backing_file, fmt_name
+
+
+class _L1Sim:
+    """The active L1 size as QEMU grows it (qcow2_grow_l1_table: by 3/2 steps, not exactly)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def need(self, entries: int) -> None:
+        new = max(1, self.size)
+        while entries > new:
+            new = (new * 3 + 1) // 2
+        self.size = max(self.size, new)
+
+
+def _vm_state_runs(image: Qcow2Image, entry: fmt.SnapshotEntry) -> Iterator[tuple[int, bytes]]:
+    """The VM state of ENTRY as (offset, bytes) runs, all-zero clusters left out (they read as
+    zeros from the new image too), the last run padded to 512 bytes with the source's bytes."""
+    cs = image.cluster_size
+    size = entry.vm_state_size
+    padded = -(-size // 512) * 512
+    for pos in range(0, padded, _VM_CHUNK):
+        n = min(_VM_CHUNK, padded - pos)
+        buf = image.read_vm_state(entry, pos, n)
+        view = memoryview(buf)
+        run = -1
+        zeros = bytes(cs)
+        for c in range(0, n, cs):
+            piece = view[c : c + cs]
+            if piece == zeros[: len(piece)]:
+                if run >= 0:
+                    yield pos + run, bytes(view[run:c])
+                    run = -1
+            elif run < 0:
+                run = c
+        if run >= 0:
+            yield pos + run, bytes(view[run:n])
+
+
+def _run_steps(
+    image: Qcow2Image,
+    planner: Planner,
+    writer: QemuWriter | None,
+    checkpoint: Checkpoint,
+    progress: Progress | None,
+    sparsify: list[tuple[int, int]] | None,
+) -> Prediction:
+    """The build (WRITER given) or its dry run (None): both count the same allocations."""
+    cs = image.cluster_size
+    span = image.l2_entries * cs
+    entries = image.snapshot_entries()
+    pred = Prediction(cs)
+    l1 = _L1Sim(fmt.size_to_l1(image.virtual_size, image.cluster_bits, image.l2_entries))
+    ids: list[str] = []
+    raws: list[bytes] = []
+    prev: Layer | None = None
+    total = len(entries) + 1
+    for k, entry in enumerate([*entries, None]):
+        layer = image.layer(entry) if entry is not None else image.active
+        stats = StepStats()
+        extra = sparsify if entry is None and sparsify else ()
+        ops = planner.materialize(planner.ranges(prev, layer, extra), entry, stats, estimate=writer is None)
+        if writer is not None:
+            writer.write(ops)
+        else:
+            for _ in ops:
+                pass
+        pred.data_clusters += len(stats.touched_clusters)
+        pred.l2_tables += len(stats.touched_l2)
+        pred.compressed_clusters += stats.compressed_clusters
+        pred.compressed_bytes += stats.compressed_bytes
+        pred.zero_bytes += stats.zero_bytes
+        if entry is None:
+            break
+        raw = table.source_entry_bytes(image, entry)
+        raws.append(raw)
+        if entry.vm_state_size:
+            vso = image.vm_state_offset(entry)
+            tables: set[int] = set()
+            temp_id = table.next_id(ids)
+            temp_name = f"{table.PLACEHOLDER}tmp-{k}"
+            if writer is not None:
+                writer.snapshot_create(temp_name)
+            ids.append(temp_id)
+            checkpoint(f"vm-state-{k + 1}")
+            for offset, data in _vm_state_runs(image, entry):
+                pred.vm_state_clusters += -(-len(data) // cs)
+                tables.update(range((vso + offset) // span, (vso + offset + len(data) - 1) // span + 1))
+                if writer is not None:
+                    writer.write_vm_state(offset, data)
+            pred.l2_tables += len(tables)
+            l1.need((vso + entry.vm_state_size + span - 1) // span)
+            new_id = table.next_id(ids)
+            if writer is not None:
+                writer.snapshot_create(table.placeholder_name(k, len(raw), new_id))
+                writer.snapshot_apply(temp_id)
+                writer.snapshot_delete(temp_name)
+            ids.remove(temp_id)
+            ids.append(new_id)
+        else:
+            new_id = table.next_id(ids)
+            if writer is not None:
+                writer.snapshot_create(table.placeholder_name(k, len(raw), new_id))
+            ids.append(new_id)
+        pred.l1_clusters += -(-l1.size * 8 // cs)
+        checkpoint(f"snapshot-{k + 1}")
+        if progress is not None:
+            progress("states", k + 1, total)
+        prev = layer
+    pred.l1_clusters += -(-l1.size * 8 // cs)  # the active table
+    pred.steps = total
+    if raws:
+        pred.snapshot_table_clusters = -(-len(table.table_bytes(raws)) // cs)
+    # refcount blocks and table (qemu-img create starts with one of each)
+    bits = image.header.refcount_bits
+    per_block = cs * 8 // bits
+    rb = rt = 1
+    while True:
+        base = pred.clusters - pred.refcount_clusters
+        new_rb = max(1, -(-(base + rb + rt) // per_block))
+        new_rt = max(1, -(-new_rb * 8 // cs))
+        if (new_rb, new_rt) == (rb, rt):
+            break
+        rb, rt = new_rb, new_rt
+    pred.refcount_clusters = rb + rt
+    if writer is not None:
+        writer.flush()
+        checkpoint("written")
+        table.rewrite(writer.path, raws)
+        checkpoint("table")
+    return pred
+
+
+def predict(image: Qcow2Image, *, compress: bool = False, sparsify: list[tuple[int, int]] | None = None) -> Prediction:
+    """The size the new image will have (reads the source's data to find zero clusters)."""
+    refuse_unsupported(image)
+    return _run_steps(image, Planner(image, compress=compress), None, lambda _: None, None, sparsify)
+
+
+def build(
+    image: Qcow2Image,
+    output: Path,
+    workdir: Path,
+    *,
+    compress: bool = False,
+    sparsify: list[tuple[int, int]] | None = None,
+    checkpoint: Checkpoint = lambda _: None,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Write the compacted copy of IMAGE into OUTPUT (which must not exist)."""
+    refuse_unsupported(image)
+    writer = QemuWriter(output, workdir, v3=image.header.version >= 3)
+    try:
+        writer.create(image.virtual_size, create_options(image), _backing(image))
+        checkpoint("created")
+        pred = _run_steps(image, Planner(image, compress=compress), writer, checkpoint, progress, sparsify)
+    finally:
+        writer.cleanup()
+    fd = os.open(output, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return BuildResult(pred, writer.processes, len(image.snapshot_entries()))
+
+
+# ------------------------------------------------------------------ verification
+
+
+def _changed_in(image: Qcow2Image, prev: Layer | None, layer: Layer, l1_index: int, count: int) -> set[int]:
+    """Cluster indices (within L1 entry L1_INDEX) whose L2 entries differ between PREV and LAYER."""
+    tp = prev.l2_offset(l1_index) if prev is not None else 0
+    tt = layer.l2_offset(l1_index)
+    if tp == tt:
+        return set()
+    step = 2 if image.extended_l2 else 1
+    ep = image.l2_table(tp) if tp else None
+    et = image.l2_table(tt) if tt else None
+    out = set()
+    for i in range(count):
+        a = ep[i * step] & _NOT_COPIED if ep is not None else 0
+        b = et[i * step] & _NOT_COPIED if et is not None else 0
+        if step == 2:
+            a = (a, ep[i * 2 + 1] if ep is not None else 0)  # type: ignore[assignment]
+            b = (b, et[i * 2 + 1] if et is not None else 0)  # type: ignore[assignment]
+        if a != b:
+            out.add(i)
+    return out
+
+
+def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None) -> int:
+    """Every snapshot (metadata, guest data, VM state) and the current state of NEW equal
+    SOURCE's; VerificationFailed naming the first difference. Returns the bytes compared.
+
+    Induction over the states in table order: where neither image's L2 entries changed since
+    the previous state, both still hold what was compared equal there; elsewhere the bytes are
+    compared."""
+    se, ne = source.snapshot_entries(), new.snapshot_entries()
+    if len(se) != len(ne):
+        raise VerificationFailed(f"The compacted image has {len(ne)} snapshots instead of {len(se)}.")
+    for x, y in zip(se, ne, strict=True):
+        fields = ("id", "name", "date_sec", "date_nsec", "vm_clock_nsec", "vm_state_size", "disk_size", "icount")
+        for f in fields:
+            if getattr(x, f) != getattr(y, f):
+                raise VerificationFailed(
+                    f"Snapshot {x.name!r} (ID {x.id}): {f} is {getattr(y, f)!r} in the compacted image, "
+                    f"{getattr(x, f)!r} in the original.")
+    cs = source.cluster_size
+    span = source.l2_entries * cs
+    compared = 0
+    prev_s: Layer | None = None
+    prev_n: Layer | None = None
+    states: list[tuple[fmt.SnapshotEntry | None, fmt.SnapshotEntry | None]] = [*zip(se, ne, strict=True), (None, None)]
+    for k, (a, b) in enumerate(states):
+        ls = source.layer(a) if a is not None else source.active
+        ln = new.layer(b) if b is not None else new.active
+        label = f"snapshot {a.name!r} (ID {a.id})" if a is not None else "the current state"
+        disk = ls.disk_size
+        if ln.disk_size != disk:
+            raise VerificationFailed(f"{label}: disk size {ln.disk_size} instead of {disk}.")
+        for l1_index in range((disk + span - 1) // span):
+            start = l1_index * span
+            count = (min(disk, start + span) - start + cs - 1) // cs
+            changed = _changed_in(source, prev_s, ls, l1_index, count) | _changed_in(new, prev_n, ln, l1_index, count)
+            for i in sorted(changed):
+                guest = start + i * cs
+                n = min(cs, disk - guest)
+                if source.read(guest, n, a) != new.read(guest, n, b):
+                    raise VerificationFailed(f"{label}: guest data differs in the cluster at {guest:#x}.")
+                compared += n
+        if a is not None and b is not None and a.vm_state_size:
+            for pos in range(0, a.vm_state_size, _VM_CHUNK):
+                n = min(_VM_CHUNK, a.vm_state_size - pos)
+                if source.read_vm_state(a, pos, n) != new.read_vm_state(b, pos, n):
+                    raise VerificationFailed(f"{label}: VM state differs at offset {pos:#x}.")
+                compared += n
+        if progress is not None:
+            progress("verify", k + 1, len(states))
+        prev_s, prev_n = ls, ln
+    return compared

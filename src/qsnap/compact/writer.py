@@ -1,0 +1,162 @@
+"""Writes through QEMU's own tools: ``qemu-img create`` / ``snapshot`` and ``qemu-io``.
+
+Guest data goes in with qemu-io's ``write -s FILE OFF LEN`` (the write buffer is filled from
+FILE), zeros with ``write -z -u`` (version 3: the zero flag, unmapping the cluster) or
+``discard`` (version 2), compressed clusters with ``write -c -s``, VM state with
+``write -b -s`` (qemu-io: "write to the VM state rather than the virtual disk"). Commands are
+batched: up to 64 MiB of data (or 1,000 commands) per qemu-io process, each data command's
+bytes staged in a file of the work directory, removed once the batch is done. So memory and
+temporary disk stay bounded whatever the image size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from qsnap.compact.plan import OP_COMPRESSED, OP_DATA, OP_UNMAP, OP_ZERO, Op
+from qsnap.core import proc
+from qsnap.core.errors import ProcessError, QsnapError
+from qsnap.engines import qemu_img
+
+QEMU_IO = "qemu-io"
+BATCH_BYTES = 64 << 20
+BATCH_COMMANDS = 1000
+
+
+class WriteFailed(QsnapError):
+    """QEMU refused a write while compacting."""
+
+    exit_code = 1
+
+
+def qemu_io_argv(path: Path | str, commands: Sequence[str]) -> list[str]:
+    """qemu-io on PATH (qcow2 forced, never probed) running COMMANDS in order."""
+    argv = [QEMU_IO, "--image-opts"]
+    for command in commands:
+        argv += ["-c", command]
+    return [*argv, qemu_img.image_opts(path)]
+
+
+def create_argv(path: Path | str, size: int, options: Sequence[str], backing: tuple[str, str] | None) -> list[str]:
+    argv = [qemu_img.QEMU_IMG, "create", "-q", "-f", "qcow2"]
+    for option in options:
+        argv += ["-o", option]
+    if backing is not None:
+        argv += ["-b", backing[0], "-F", backing[1]]
+    return [*argv, str(path), str(size)]
+
+
+class QemuWriter:
+    """The new image, written only by QEMU's tools."""
+
+    def __init__(self, path: Path, workdir: Path, *, v3: bool = True) -> None:
+        self.path = path
+        self.v3 = v3
+        self.workdir = workdir
+        self._commands: list[str] = []
+        self._files: list[Path] = []
+        self._bytes = 0
+        self._serial = 0
+        self.processes = 0
+
+    def create(self, size: int, options: Sequence[str], backing: tuple[str, str] | None) -> None:
+        self.workdir.mkdir(mode=0o700, exist_ok=True)
+        try:
+            proc.run(create_argv(self.path, size, options, backing))
+        except ProcessError as exc:
+            raise qemu_img.translate_error(exc, self.path) from exc
+        self.processes += 1
+
+    # ---------------------------------------------------------------- guest data and VM state
+
+    def write(self, ops: Iterable[Op]) -> None:
+        """Queue OPS (materialized: data ops carry their bytes); batches run as they fill."""
+        for op in ops:
+            if op.kind == OP_ZERO:
+                self._queue(f"write -q -z -u {op.offset} {op.length}")
+            elif op.kind == OP_UNMAP:
+                self._queue(f"discard -q {op.offset} {op.length}")
+            elif op.kind in (OP_DATA, OP_COMPRESSED):
+                assert op.data is not None
+                flag = ""
+                if op.kind == OP_COMPRESSED:
+                    # "Compression can't overwrite anything" (qcow2_alloc_compressed_cluster_offset):
+                    # drop this state's reference to the cluster first
+                    self._queue(f"write -q -z -u {op.offset} {op.length}" if self.v3 else
+                                f"discard -q {op.offset} {op.length}")
+                    flag = "-c "
+                self._queue(f"write -q {flag}-s {self._stage(op.data)} {op.offset} {op.length}", len(op.data))
+            else:  # pragma: no cover
+                raise ValueError(op.kind)
+
+    def write_vm_state(self, offset: int, data: bytes) -> None:
+        """DATA into the VM-state area at OFFSET (both multiples of 512, qemu-io's rule)."""
+        self._queue(f"write -q -b -s {self._stage(data)} {offset} {len(data)}", len(data))
+
+    def _stage(self, data: bytes) -> str:
+        self._serial += 1
+        path = self.workdir / f"{self._serial:08d}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self._files.append(path)
+        return str(path)
+
+    def _queue(self, command: str, size: int = 0) -> None:
+        self._commands.append(command)
+        self._bytes += size
+        if self._bytes >= BATCH_BYTES or len(self._commands) >= BATCH_COMMANDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Run the queued commands in one qemu-io process; it flushes the image when it exits."""
+        if not self._commands:
+            return
+        commands, self._commands, self._bytes = self._commands, [], 0
+        try:
+            result = proc.run(qemu_io_argv(self.path, commands), check=False)
+        finally:
+            for f in self._files:
+                f.unlink(missing_ok=True)
+            self._files.clear()
+        self.processes += 1
+        # qemu-io exits 0 even when a -c command fails: its error text is the evidence
+        said = (result.stdout + result.stderr).strip()
+        if result.returncode != 0 or said:
+            if "No space left" in said:
+                raise OSError(28, "No space left on device")
+            first = said.splitlines()[0] if said else f"exit {result.returncode}"
+            raise WriteFailed(f"qemu-io could not write the new image {self.path}: {first}.")
+
+    # ---------------------------------------------------------------- snapshots
+
+    def snapshot_create(self, name: str) -> None:
+        self.flush()
+        self._img(qemu_img.create_argv(self.path, name))
+
+    def snapshot_apply(self, snapshot_id: str) -> None:
+        self.flush()
+        self._img(qemu_img.apply_argv(self.path, snapshot_id))
+
+    def snapshot_delete(self, name: str) -> None:
+        self.flush()
+        self._img(qemu_img.delete_argv(self.path, name))
+
+    def _img(self, argv: list[str]) -> None:
+        try:
+            proc.run(argv)
+        except ProcessError as exc:
+            if "No space left" in exc.stderr:
+                raise OSError(28, "No space left on device") from exc
+            raise qemu_img.translate_error(exc, self.path) from exc
+        self.processes += 1
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)

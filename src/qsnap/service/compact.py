@@ -1,0 +1,340 @@
+"""`qsnap compact`: reclaim the space of an image and keep every snapshot.
+
+The guide's "qemu-img convert -O qcow2 old new && mv new old" drops every internal snapshot.
+This rebuilds the image with QEMU's tools (see :mod:`qsnap.compact.build`) into
+``IMAGE.partial`` after a free-space check, fsyncs it, verifies it (``qemu-img check``, then
+every snapshot's guest data and VM state and the current state against the original through
+the reader), and swaps it in with a rename. At every moment either the old or the new image is
+at IMAGE: the old one is first hard-linked as ``IMAGE.old-<timestamp>``, the new one renamed
+over IMAGE, the directory fsynced, and the old link removed unless ``keep_old``.
+
+A run that was killed leaves a stale ``IMAGE.partial`` (removed, and reported, by the next run)
+or an ``IMAGE.old-*`` (reported, never deleted unless it is the same file as IMAGE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from qsnap.core.errors import ImageInUse, UsageError, VerificationFailed
+from qsnap.service.snapshots import DEFAULT_CONTEXT, Context
+
+KILL_AT_ENV = "QSNAP_COMPACT_KILL_AT"  # test hook: SIGKILL this process at the named checkpoint
+BATCH_MARGIN = 80 << 20  # qemu-io staging files plus slack
+RECOMMEND_RATIO = 0.10  # doctor and info point to compact above this share of the file
+
+
+@dataclass(frozen=True)
+class Savings:
+    """Where the reclaimed bytes come from (they add up to file_size - predicted_size)."""
+
+    leaked: int  # clusters with a refcount that nothing references
+    freed: int  # clusters inside the file with refcount 0 (freed, never returned)
+    zero: int  # data clusters holding only zeros
+    sparsify: int  # free guest filesystem blocks (--sparsify)
+    other: int  # fragmentation, metadata and holes (may be negative)
+
+    def to_json(self) -> dict[str, int]:
+        return {"leaked": self.leaked, "freed_not_returned": self.freed, "zero_clusters": self.zero,
+                "free_guest_blocks": self.sparsify, "fragmentation_and_metadata": self.other}
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    image: Path
+    dry_run: bool
+    file_size: int  # before
+    predicted_size: int
+    new_size: int | None  # after (None for a dry run)
+    savings: Savings
+    snapshots: int
+    vm_state_snapshots: int
+    kept_old: Path | None = None
+    found: tuple[str, ...] = ()
+    vm_stopped: str | None = None
+    verified_bytes: int = 0
+    seconds: float = 0.0
+    prediction: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reclaimed(self) -> int:
+        return self.file_size - (self.new_size if self.new_size is not None else self.predicted_size)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": str(self.image),
+            "dry_run": self.dry_run,
+            "file_size": self.file_size,
+            "predicted_size": self.predicted_size,
+            "new_size": self.new_size,
+            "reclaimed_bytes": self.reclaimed,
+            "savings": self.savings.to_json(),
+            "snapshots": self.snapshots,
+            "vm_state_snapshots": self.vm_state_snapshots,
+            "kept_old": str(self.kept_old) if self.kept_old else None,
+            "found": list(self.found),
+            "vm_stopped": self.vm_stopped,
+            "verified_bytes": self.verified_bytes,
+            "seconds": round(self.seconds, 3),
+            "prediction": self.prediction,
+        }
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def workdir_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial.d")
+
+
+def old_paths(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(_glob_escape(path.name) + ".old-*"))
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _findings(path: Path, *, clean: bool) -> list[str]:
+    """What earlier (killed) runs left beside PATH; with CLEAN, remove what is safe to remove."""
+    import shutil
+
+    found: list[str] = []
+    partial, work = partial_path(path), workdir_path(path)
+    if partial.exists() or work.exists():
+        if clean:
+            partial.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
+            found.append(f"removed {partial.name}, left by an interrupted compact ({path.name} itself was not changed)")
+        else:
+            found.append(f"{partial.name} was left by an interrupted compact ({path.name} itself was not changed); "
+                         "the next compact removes it")
+    for old in old_paths(path):
+        try:
+            same = os.path.samefile(old, path)
+        except OSError:
+            same = False
+        if same:
+            if clean:
+                old.unlink()
+                found.append(f"removed {old.name}, a second name of {path.name} left by an interrupted compact")
+            else:
+                found.append(f"{old.name} is a second name of {path.name} left by an interrupted compact")
+        else:
+            found.append(f"{old.name} holds the image as it was before an earlier compact; "
+                         f"{path.name} is the compacted one (delete {old.name} when you no longer need it)")
+    return found
+
+
+def _checkpoint(name: str) -> None:
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _savings(space: Any, file_size: int, predicted: int, zero: int, sparsify: int) -> Savings:
+    leaked, freed = space.leaked_bytes, space.unreferenced_bytes
+    other = file_size - predicted - leaked - freed - zero - sparsify
+    return Savings(leaked, freed, zero, sparsify, other)
+
+
+def estimate_reclaimable(space: Any) -> int:
+    """A quick lower bound of what compact reclaims, from the space accounting alone (no guest
+    data read): leaked clusters and clusters freed inside the file. Used by doctor and info."""
+    return int(space.leaked_bytes + space.unreferenced_bytes)
+
+
+def compact(
+    image: str | os.PathLike[str],
+    *,
+    compress: bool = False,
+    sparsify: bool = False,
+    dry_run: bool = False,
+    keep_old: bool = False,
+    ctx: Context = DEFAULT_CONTEXT,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CompactReport:
+    """Compact IMAGE keeping every snapshot (see the module docstring); DRY_RUN: predict only."""
+    from qsnap.compact.build import predict
+    from qsnap.qcow2.image import open_image
+    from qsnap.service.image import check_image_file
+    from qsnap.service.space import account_image
+
+    if sparsify:
+        raise UsageError(
+            "--sparsify is not available yet: compact does not read the guest filesystem's free-block "
+            "maps (qsnap.guestfs) yet; nothing was changed.",
+            hint="run compact without --sparsify",
+        )
+    path = check_image_file(Path(image).absolute())
+    started = time.monotonic()
+    if dry_run:
+        found = _findings(path, clean=False)
+        with open_image(path) as src:
+            space = account_image(src)
+            pred = predict(src, compress=compress)
+            entries = src.snapshot_entries()
+        return CompactReport(
+            image=path, dry_run=True, file_size=space.file_size, predicted_size=pred.size, new_size=None,
+            savings=_savings(space, space.file_size, pred.size, pred.zero_bytes, 0),
+            snapshots=len(entries), vm_state_snapshots=sum(1 for e in entries if e.vm_state_size),
+            found=tuple(found), seconds=time.monotonic() - started, prediction=pred.to_json(),
+        )
+    return _compact(path, compress=compress, keep_old=keep_old, ctx=ctx, progress=progress, started=started)
+
+
+def _compact(
+    path: Path, *, compress: bool, keep_old: bool, ctx: Context,
+    progress: Callable[[str, int, int], None] | None, started: float,
+) -> CompactReport:
+    from qsnap.engines import qemu_img
+    from qsnap.service import audit
+    from qsnap.service.image import check_writable, image_held
+    from qsnap.service.lock import image_lock
+    from qsnap.vm import NoController, controller_for
+
+    with image_lock(path, "compact", ctx.lock_timeout), audit.recorded(path, "compact", None) as rec:
+        rec.engine = qemu_img.NAME
+        check_writable(path)
+        controller: Any = None
+        if image_held(path):
+            controller = controller_for(path, ctx.vm)
+            if isinstance(controller, NoController) or not controller.is_running():
+                raise ImageInUse(
+                    f"{path} is in use by a running VM; compact must rewrite the whole file.",
+                    hint="stop the VM first, or tell qsnap how to stop and restart it: --vm compose:SERVICE[@FILE] "
+                    "(a VM started with 'qsnap vm start' is stopped and restarted by itself)",
+                )
+            from qsnap.service.routing import _wait_unlocked
+
+            controller.stop()
+            _wait_unlocked(path)
+            rec.details["vm_stopped"] = controller.name
+        try:
+            report = _rebuild(path, compress=compress, keep_old=keep_old, progress=progress, started=started)
+        finally:
+            if controller is not None:
+                controller.start()
+        if controller is not None:
+            report = _with(report, vm_stopped=controller.name)
+        rec.details.update(file_size=report.file_size, new_size=report.new_size,
+                           kept_old=str(report.kept_old) if report.kept_old else None)
+        return report
+
+
+def _with(report: CompactReport, **changes: Any) -> CompactReport:
+    from dataclasses import replace
+
+    return replace(report, **changes)
+
+
+def _rebuild(
+    path: Path, *, compress: bool, keep_old: bool, progress: Callable[[str, int, int], None] | None,
+    started: float,
+) -> CompactReport:
+    from qsnap.backup.partial import InsufficientSpace, check_space
+    from qsnap.compact.build import build, verify
+    from qsnap.engines import qemu_img
+    from qsnap.qcow2.image import open_image
+    from qsnap.service.space import account_image
+
+    qemu_img.check(path)  # takes QEMU's write lock: a VM we could not see is exit 8; corruption exit 10
+    found = _findings(path, clean=True)
+    partial, work = partial_path(path), workdir_path(path)
+    st = os.stat(path)
+    with open_image(path) as src:
+        space = account_image(src)
+        entries = src.snapshot_entries()
+        # upper bound of the result without reading guest data: what some root still reaches
+        reachable = space.allocated_bytes - space.leaked_bytes
+        check_space(path.parent, int(reachable * 1.02) + BATCH_MARGIN, f"the compacted copy of {path.name}")
+        try:
+            result = build(src, partial, work, compress=compress, checkpoint=_checkpoint, progress=progress)
+            _checkpoint("built")
+            checked = qemu_img.check(partial)
+            if checked.corruptions or checked.leaks or checked.check_errors:
+                raise VerificationFailed(
+                    f"qemu-img check of the compacted image found {checked.corruptions} corruptions, "
+                    f"{checked.leaks} leaked clusters and {checked.check_errors} errors; {path} was not changed.")
+            with open_image(partial) as new:
+                verified = verify(src, new, progress)
+            _compare_current(path, partial)
+            _checkpoint("verified")
+        except OSError as exc:
+            _discard(partial, work)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientSpace(
+                    f"The disk holding {path.parent} filled up while compacting; the partial file was removed "
+                    f"and {path.name} was not changed.", hint="free some space and run compact again") from exc
+            raise
+        except BaseException:
+            _discard(partial, work)
+            raise
+    os.chmod(partial, st.st_mode & 0o7777)
+    with contextlib.suppress(PermissionError):
+        os.chown(partial, st.st_uid, st.st_gid)
+    new_size = os.stat(partial).st_size
+    old = path.with_name(f"{path.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
+    os.link(path, old)
+    _fsync_dir(path.parent)
+    _checkpoint("linked")
+    os.replace(partial, path)
+    _fsync_dir(path.parent)
+    _checkpoint("swapped")
+    kept: Path | None = old
+    if not keep_old:
+        with open_image(path) as swapped:  # the file now at PATH is the verified one
+            if len(swapped.snapshot_entries()) != len(entries):
+                raise VerificationFailed(f"{path} changed under compact; the original is kept as {old}.")
+        old.unlink()
+        _fsync_dir(path.parent)
+        kept = None
+    return CompactReport(
+        image=path, dry_run=False, file_size=st.st_size, predicted_size=result.prediction.size,
+        new_size=new_size,
+        savings=_savings(space, st.st_size, new_size, result.prediction.zero_bytes, 0),
+        snapshots=len(entries), vm_state_snapshots=sum(1 for e in entries if e.vm_state_size),
+        kept_old=kept, found=tuple(found), verified_bytes=verified,
+        seconds=time.monotonic() - started, prediction=result.prediction.to_json(),
+    )
+
+
+def _compare_current(original: Path, new: Path) -> None:
+    """qemu-img compare of the current states: QEMU's own word that the disk the VM boots from
+    is the same."""
+    from qsnap.core import proc
+
+    argv = ["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", str(original), str(new)]
+    result = proc.run(argv, check=False)
+    if result.returncode != 0:
+        raise VerificationFailed(
+            f"qemu-img compare found the compacted image's current state different from {original}: "
+            f"{result.stdout.strip() or result.stderr.strip() or 'exit ' + str(result.returncode)}.")
+
+
+def _discard(partial: Path, work: Path) -> None:
+    import shutil
+
+    partial.unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def describe_findings(found: Iterable[str]) -> list[str]:
+    return [f"note: {f}" for f in found]
