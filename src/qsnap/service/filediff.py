@@ -303,10 +303,10 @@ class _FileDiff:
             same = ia == ib and self.dir_unchanged(ib, node_b)
             if same:  # one decoded directory serves both sides; unchanged files need no visit at all
                 changed = self.changed_inodes
-                for name, eb in sorted(entries_b.items(), reverse=True):
-                    if eb.file_type not in (None, "dir") and eb.ino not in changed:
+                for name, entry in sorted(entries_b.items(), reverse=True):
+                    if entry.file_type not in (None, "dir") and entry.ino not in changed:
                         continue
-                    stack.append((join(path, decode_name(name)), eb.ino, eb.ino, eb.file_type))
+                    stack.append((join(path, decode_name(name)), entry.ino, entry.ino, entry.file_type))
                 continue
             entries_a = self.entries(self.a, node_a)
             for name in sorted(set(entries_a) | set(entries_b), reverse=True):
