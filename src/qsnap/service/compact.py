@@ -29,7 +29,7 @@ from qsnap.core.errors import ImageInUse, UsageError, VerificationFailed
 from qsnap.service.snapshots import DEFAULT_CONTEXT, Context
 
 KILL_AT_ENV = "QSNAP_COMPACT_KILL_AT"  # test hook: SIGKILL this process at the named checkpoint
-BATCH_MARGIN = 80 << 20  # qemu-io staging files plus slack
+STAGING = (64 + 4) << 20  # qemu-io staging files at most (compact.writer.BATCH_BYTES + one command)
 RECOMMEND_RATIO = 0.10  # doctor and info point to compact above this share of the file
 
 
@@ -264,7 +264,8 @@ def _rebuild(
         entries = src.snapshot_entries()
         # upper bound of the result without reading guest data: what some root still reaches
         reachable = space.allocated_bytes - space.leaked_bytes
-        check_space(path.parent, int(reachable * 1.02) + BATCH_MARGIN, f"the compacted copy of {path.name}")
+        needed = int(reachable * 1.02) + min(STAGING, reachable) + (1 << 20)
+        check_space(path.parent, needed, f"the compacted copy of {path.name}")
         try:
             result = build(src, partial, work, compress=compress, checkpoint=_checkpoint, progress=progress)
             _checkpoint("built")
