@@ -23,6 +23,44 @@ class Device(Protocol):
 
     def readinto(self, offset: int, buffer: bytearray | memoryview) -> None: ...
 
+    def copy_to(self, offset: int, length: int, out_fd: int, out_offset: int) -> None:
+        """Write guest bytes [OFFSET, OFFSET+LENGTH) into OUT_FD at OUT_OFFSET. Ranges that read as
+        zeros may be skipped: OUT_FD must read as zeros there already (a truncated, sparse file)."""
+        ...
+
+
+def _copy_file_range(in_fd: int, in_offset: int, out_fd: int, out_offset: int, length: int) -> bool:
+    """An in-kernel copy (no bytes through Python); False when the kernel cannot do it here."""
+    import errno
+
+    try:
+        while length > 0:
+            n = os.copy_file_range(in_fd, out_fd, length, in_offset, out_offset)
+            if n <= 0:
+                return False
+            in_offset += n
+            out_offset += n
+            length -= n
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+            return False
+        raise
+    return True
+
+
+def _read_write(device: Device, offset: int, length: int, out_fd: int, out_offset: int) -> None:
+    step = 16 << 20
+    buf = bytearray(min(step, length))
+    while length > 0:
+        view = memoryview(buf)[: min(step, length)]
+        device.readinto(offset, view)
+        while len(view):
+            n = os.pwrite(out_fd, view, out_offset)
+            view = view[n:]
+            out_offset += n
+            offset += n
+            length -= n
+
 
 class Qcow2Device:
     """The guest disk of one state of a qcow2 image: SNAPSHOT, or the current state when None."""
@@ -35,6 +73,21 @@ class Qcow2Device:
 
     def readinto(self, offset: int, buffer: bytearray | memoryview) -> None:
         self.image.readinto(offset, buffer, self.snapshot, zeroed=False)
+
+    def copy_to(self, offset: int, length: int, out_fd: int, out_offset: int) -> None:
+        """Host-contiguous DATA extents go through copy_file_range; zeros are skipped; compressed
+        clusters and backing-file ranges are read and written."""
+        from qsnap.qcow2.image import DATA, UNALLOCATED, ZERO
+
+        end = min(offset + length, self.size)
+        backing = self.image.has_backing
+        for ext in self.image.iter_extents(self.snapshot, offset, end):
+            dst = out_offset + ext.offset - offset
+            if ext.kind == ZERO or (ext.kind == UNALLOCATED and not backing):
+                continue
+            if ext.kind == DATA and _copy_file_range(self.image.fileno(), ext.host_offset, out_fd, dst, ext.length):
+                continue
+            _read_write(self, ext.offset, ext.length, out_fd, dst)
 
 
 class FileDevice:
@@ -53,6 +106,11 @@ class FileDevice:
                 view[done:] = bytes(len(view) - done)
                 return
             done += n
+
+    def copy_to(self, offset: int, length: int, out_fd: int, out_offset: int) -> None:
+        length = max(0, min(length, self.size - offset))
+        if not _copy_file_range(self.fd, offset, out_fd, out_offset, length):
+            _read_write(self, offset, length, out_fd, out_offset)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -75,6 +133,10 @@ class Slice:
             self.device.readinto(self.start + offset, view[:inside])
         if inside < len(view):
             view[inside:] = bytes(len(view) - inside)
+
+    def copy_to(self, offset: int, length: int, out_fd: int, out_offset: int) -> None:
+        length = max(0, min(length, self.size - offset))
+        self.device.copy_to(self.start + offset, length, out_fd, out_offset)
 
 
 CHUNK = 64 << 10
@@ -121,6 +183,9 @@ class CachedDevice:
             parts.append(self._chunk(index)[start : start + take])
             pos += take
         return b"".join(parts)
+
+    def copy_to(self, offset: int, length: int, out_fd: int, out_offset: int) -> None:
+        self.device.copy_to(offset, length, out_fd, out_offset)
 
     def readinto(self, offset: int, buffer: bytearray | memoryview) -> None:
         view = memoryview(buffer).cast("B")

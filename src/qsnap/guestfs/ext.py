@@ -249,6 +249,21 @@ class ExtFilesystem:
                 f"The filesystem points at {what} {block}, past its end ({self.blocks_count} blocks).")
         return self.device.read(block * self.block_size, count * self.block_size)
 
+    def readinto_blocks(self, block: int, view: memoryview, what: str = "block") -> None:
+        """Fill VIEW (a whole number of blocks) from BLOCK on, without an intermediate copy."""
+        count = len(view) // self.block_size
+        if block < 0 or block + count > self.blocks_count:
+            raise CorruptFilesystem(
+                f"The filesystem points at {what} {block}, past its end ({self.blocks_count} blocks).")
+        self.device.readinto(block * self.block_size, view)
+
+    def copy_blocks_to(self, block: int, count: int, limit: int, out_fd: int, out_offset: int) -> None:
+        """Copy COUNT blocks from BLOCK (at most LIMIT bytes) into OUT_FD at OUT_OFFSET (zeros may be skipped)."""
+        if block < 0 or block + count > self.blocks_count:
+            raise CorruptFilesystem(
+                f"The filesystem points at data block {block}, past its end ({self.blocks_count} blocks).")
+        self.device.copy_to(block * self.block_size, min(count * self.block_size, limit), out_fd, out_offset)
+
     # ------------------------------------------------------------------ group descriptors ("Block Groups")
 
     @property

@@ -207,6 +207,14 @@ class Qcow2Image:
             backing.close()
             self._backing = None
 
+    def fileno(self) -> int:
+        """The read-only descriptor of the image file (for in-kernel copies of DATA extents)."""
+        return self._fd
+
+    @property
+    def has_backing(self) -> bool:
+        return self._backing_image() is not None
+
     def __enter__(self) -> Qcow2Image:
         return self
 
