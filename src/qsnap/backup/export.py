@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import qsnap
 from qsnap.backup import qemu
@@ -50,6 +50,7 @@ from qsnap.backup.streams import (
     AsyncHash,
     HashingWriter,
     ParallelGzipWriter,
+    Writable,
     ZstdWriter,
     keep_block_memory,
     prefetch,
@@ -59,6 +60,9 @@ from qsnap.backup.streams import (
 from qsnap.core.errors import ImageError, OutputExists, QsnapError, UsageError
 from qsnap.core.fsutil import atomic_write_bytes
 from qsnap.core.models import Snapshot
+
+if TYPE_CHECKING:
+    from qsnap.backup.targets import Sink
 
 Progress = Callable[[int, int], None]
 DEFAULT_LEVELS = {"qcow2.gz": 6, "qcow2.zst": 3}
@@ -159,12 +163,32 @@ def export_snapshot(
 
     duration = time.monotonic() - started
     size = output.stat().st_size
-    manifest = {
+    manifest = build_manifest(
+        image, snapshot, output.name, form, age, compress, encrypt, level, size, sha, payload_sha, payload_size,
+        info, duration, method, (base[0].name, base[1]) if base is not None else None,
+    )
+    import json
+
+    atomic_write_bytes(manifest_path(output), (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o600)
+    return BackupResult(
+        output=output, manifest_path=manifest_path(output), manifest=manifest, format=form, size=size,
+        sha256=sha, payload_sha256=payload_sha, duration_s=duration,
+        incremental_base=base[0] if base is not None else None, warnings=tuple(warnings), method=method,
+    )
+
+
+def build_manifest(
+    image: Path, snapshot: Snapshot | None, file_name: str, form: str, age: bool, compress: bool,
+    encrypt: EncryptionSpec | None, level: int | None, size: int, sha: str, payload_sha: str, payload_size: int,
+    info: dict[str, Any], duration: float, method: str, base: tuple[str, dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """The manifest of a backup (wherever it is stored: beside the file, or as KEY.json)."""
+    return {
         "format_version": MANIFEST_VERSION,
         "tool": MANIFEST_TOOL,
         "qsnap_version": qsnap.__version__,
         "created_at": iso(utc_now()),
-        "file": output.name,
+        "file": file_name,
         "format": form,
         "compression": _compression_name(form, compress, info),
         "level": level if form in DEFAULT_LEVELS else None,
@@ -178,20 +202,12 @@ def export_snapshot(
         "duration_s": round(duration, 3),
         "method": method,
         "incremental": (
-            {"base": base[0].name, "base_sha256": base[1]["sha256"], "changed_clusters": info.get("changed"),
+            {"base": base[0], "base_sha256": base[1]["sha256"], "changed_clusters": info.get("changed"),
              "diff": info.get("diff")}
             if base is not None else None
         ),
         "encryption": _encryption_json(form, age, encrypt),
     }
-    import json
-
-    atomic_write_bytes(manifest_path(output), (json.dumps(manifest, indent=2) + "\n").encode(), mode=0o600)
-    return BackupResult(
-        output=output, manifest_path=manifest_path(output), manifest=manifest, format=form, size=size,
-        sha256=sha, payload_sha256=payload_sha, duration_s=duration,
-        incremental_base=base[0] if base is not None else None, warnings=tuple(warnings), method=method,
-    )
 
 
 def _check_options(
@@ -314,14 +330,60 @@ def _export_qemu_img(
 
 # ------------------------------------------------------------------------ stream path
 
+class LocalSink:
+    """OUTPUT.partial (flocked), written through the writeback-starting writer; commit = fsync +
+    rename. The local :class:`qsnap.backup.targets.Sink`."""
+
+    def __init__(self, output: Path) -> None:
+        self.part = PartialFile(output, [])
+        self.writer = FdWriter(self.part.fd, writeback=True)
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        self.size += len(data)
+        return self.writer.write(data)
+
+    def commit(self) -> None:
+        try:
+            self.part.commit()
+        finally:
+            self.part.close()
+
+    def abort(self) -> None:
+        try:
+            self.part.discard()
+        finally:
+            self.part.close()
+
+
+class Output:
+    """Where a streamed backup goes: a local file (free space checked, ``.partial`` protocol),
+    or any :class:`qsnap.backup.targets.Sink` factory (e.g. an S3 multipart upload)."""
+
+    def __init__(self, path: Path, open_sink: Callable[[int], Sink] | None = None) -> None:
+        self.path = path
+        self._open = open_sink
+
+    @property
+    def local(self) -> bool:
+        return self._open is None
+
+    def check_space(self, needed: int, what: str) -> None:
+        if self._open is None:
+            check_space(self.path.parent, needed, what)
+
+    def open(self, size_hint: int) -> Sink:
+        return LocalSink(self.path) if self._open is None else self._open(size_hint)
+
+
 class _Pipeline:
     """payload bytes -> [hash] -> compressor -> [age] -> hashing file writer.
 
     Both sha256s run on their own threads; the compressors use all cores.
     """
 
-    def __init__(self, fd: int, form: str, level: int, encrypt: EncryptionSpec | None) -> None:
-        self.file = HashingWriter(FdWriter(fd, writeback=True))
+    def __init__(self, out: Writable, form: str, level: int, encrypt: EncryptionSpec | None) -> None:
+        self.file = HashingWriter(out)
         self.age: Any = None
         sink: Any = self.file
         if encrypt is not None:
@@ -382,16 +444,17 @@ def _export_stream(
 
 
 def _stream_from_reader(
-    reader: SourceReader, output: Path, form: str, level: int, encrypt: EncryptionSpec | None,
+    reader: SourceReader, output: Path | Output, form: str, level: int, encrypt: EncryptionSpec | None,
     progress: Progress | None, info: dict[str, Any],
 ) -> tuple[str, str, int]:
+    out = output if isinstance(output, Output) else Output(output)
     indices = list(reader.mapping.data_indices())
     layout = Layout(reader.cluster_size, reader.virtual_size, indices, [])
     info.update(layout="qsnap-stream-v1", virtual_size=reader.virtual_size, cluster_size=reader.cluster_size,
                 data_offset=layout.data_offset, allocated=len(indices) * reader.cluster_size)
     needed = layout.file_size + MARGIN if form == "qcow2" else _estimate_compressed(reader, layout.file_size)
-    check_space(output.parent, needed, f"the backup {output.name}")
-    return _write_layout(layout, prefetch(reader.iter_blocks(indices)), output, form, level, encrypt, progress)
+    out.check_space(needed, f"the backup {out.path.name}")
+    return _write_layout(layout, prefetch(reader.iter_blocks(indices)), out, form, level, encrypt, progress)
 
 
 def _export_qcow2(
@@ -443,10 +506,10 @@ def _export_qcow2(
 
 
 def _write_layout(
-    layout: Layout, blocks: Iterator[tuple[int, bytes]], output: Path, form: str, level: int,
+    layout: Layout, blocks: Iterator[tuple[int, bytes]], output: Path | Output, form: str, level: int,
     encrypt: EncryptionSpec | None, progress: Progress | None,
 ) -> tuple[str, str, int]:
-    warnings: list[str] = []
+    out = output if isinstance(output, Output) else Output(output)
     total = layout.file_size
     done = 0
 
@@ -456,9 +519,10 @@ def _write_layout(
         if progress is not None:
             progress(done, total)
 
-    with PartialFile(output, warnings) as part:
+    target = out.open(total)
+    try:
         if form == "qcow2":
-            sink = HashingWriter(FdWriter(part.fd, writeback=True))
+            sink = HashingWriter(target)
             try:
                 write_blocks(layout, blocks, sink, tick)
                 sha = payload_sha = sink.sha256.hexdigest()
@@ -466,7 +530,7 @@ def _write_layout(
                 sink.close()
             size = sink.size
         else:
-            pipe = _Pipeline(part.fd, form, level, encrypt)
+            pipe = _Pipeline(target, form, level, encrypt)
             try:
                 write_blocks(layout, blocks, pipe, tick)
                 pipe.close()
@@ -476,7 +540,10 @@ def _write_layout(
                 raise
             finally:
                 pipe.release()
-        part.commit()
+        target.commit()
+    except BaseException:
+        target.abort()
+        raise
     return sha, payload_sha, size
 
 
@@ -503,9 +570,10 @@ def find_base(image: Path, output: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _export_incremental(
-    reader: SourceReader, base: tuple[Path, dict[str, Any]], output: Path, progress: Progress | None,
+    reader: SourceReader, base: tuple[Path, dict[str, Any]], output: Path | Output, progress: Progress | None,
     info: dict[str, Any], warnings: list[str],
 ) -> tuple[str, str, int]:
+    out = output if isinstance(output, Output) else Output(output)
     base_path, base_manifest = base
     old_snap = (base_manifest.get("source") or {}).get("snapshot")
     changed: list[int] = []
@@ -521,6 +589,9 @@ def _export_incremental(
         changed, zeros = reader.diff_state(old_entry)
     else:
         info["diff"] = "content"
+        if not out.local:
+            raise UsageError(f"The snapshot of the base backup {base_path.name} is gone from {reader.path}; "
+                             "make a full backup.")
         warnings.append("the base backup's snapshot is gone from the image; compared contents instead")
         try:
             base_reader = SourceReader(base_path, allow_backing=True)
@@ -544,8 +615,9 @@ def _export_incremental(
     layout = Layout(reader.cluster_size, reader.virtual_size, changed, zeros, backing_file=base_path.name)
     info.update(layout="qsnap-stream-v1", virtual_size=reader.virtual_size, cluster_size=reader.cluster_size,
                 data_offset=layout.data_offset, allocated=len(changed) * reader.cluster_size, changed=len(changed))
-    check_space(output.parent, layout.file_size + MARGIN, f"the backup {output.name}")
-    return _write_layout(layout, prefetch(reader.iter_blocks(changed)), output, "qcow2", 0, None, progress)
+    out.check_space(layout.file_size + MARGIN, f"the backup {out.path.name}")
+    return _write_layout(layout, prefetch(reader.iter_blocks(changed)), out, "qcow2", 0, None, progress)
 
 
-__all__ = ["InsufficientSpace", "export_snapshot", "find_base", "sha256_file"]
+__all__ = ["InsufficientSpace", "LocalSink", "Output", "build_manifest", "export_snapshot", "find_base",
+           "sha256_file"]

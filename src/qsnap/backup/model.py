@@ -96,11 +96,13 @@ class BackupResult:
     incremental_base: Path | None = None
     warnings: tuple[str, ...] = ()
     method: str = ""  # how it was made: "stream", "qemu-img", "qemu-img+stream"
+    location: str = ""  # an off-site backup: s3://BUCKET/KEY or restic:REPO (output is then its name)
+    manifest_location: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "output": str(self.output),
-            "manifest": str(self.manifest_path),
+            "output": self.location or str(self.output),
+            "manifest": self.manifest_location or str(self.manifest_path),
             "format": self.format,
             "size": self.size,
             "sha256": self.sha256,
@@ -150,11 +152,12 @@ class ImportResult:
     previous: Path | None  # the old image, kept as IMAGE.bak-<timestamp>
     duration_s: float
     warnings: tuple[str, ...] = ()
+    location: str = ""  # an off-site backup: where it came from
 
     def to_json(self) -> dict[str, Any]:
         return {
             "image": str(self.image),
-            "backup": str(self.backup),
+            "backup": self.location or str(self.backup),
             "previous": str(self.previous) if self.previous else None,
             "duration_s": round(self.duration_s, 3),
             "warnings": list(self.warnings),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +145,59 @@ def _sha256(path: Path, progress: Callable[[int, int], None] | None, total: int)
     return sha256_file(path, tick)
 
 
+def verify_source(
+    label: str,
+    manifest: dict[str, Any] | None,
+    opener: Callable[[], Any],
+    *,
+    size: int | None,
+    against: Against | None = None,
+    passphrase: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Verify a backup stored elsewhere (an S3 object) from its MANIFEST and a stream of its bytes
+    (OPENER() -> a context manager with ``read(n)``), as thoroughly as a local one: size, sha256,
+    decompression/decryption, the qcow2 stream structure, the payload sha256, qemu-img check of
+    the metadata, and the content ``--against`` the source. Raises VerificationFailed (11)."""
+    keep_block_memory()
+    started = time.monotonic()
+    checks: list[Check] = []
+
+    def add(name: str, ok: bool, detail: str = "") -> bool:
+        checks.append(Check(name, ok, detail))
+        return ok
+
+    payload = 0
+    if add("manifest", manifest is not None, f"no qsnap manifest {label}.json: the backup is incomplete"):
+        assert manifest is not None
+        if manifest.get("encryption") and passphrase is None:
+            raise UsageError(f"{label} is encrypted: a passphrase is needed to verify it.")
+        if add("exists", size is not None, f"{label} is missing") and add(
+                "size", size == manifest["size"], f"object has {size} bytes, manifest says {manifest['size']}"):
+            if manifest["format"] not in ("qcow2.gz", "qcow2.zst", "qcow2") or manifest.get("incremental") \
+                    or (manifest.get("payload") or {}).get("layout") != "qsnap-stream-v1":
+                add("format", False, f"{manifest['format']} backups of this kind cannot be verified here")
+            else:
+                payload = _verify_stream(Path(label), manifest, add, against, passphrase, progress, opener=opener)
+    report = VerifyReport(Path(label), all(c.ok for c in checks), tuple(checks), payload,
+                          time.monotonic() - started, (Path(label),))
+    if not report.ok:
+        failed = "; ".join(f"{c.name}: {c.detail}" if c.detail else c.name for c in report.failed)
+        error = VerificationFailed(f"Backup {label} failed verification: {failed}.")
+        error.report = report  # type: ignore[attr-defined]
+        raise error
+    return report
+
+
 def _verify_stream(
     path: Path, manifest: dict[str, Any], add: Callable[..., bool], against: Against | None,
     passphrase: str | None, progress: Callable[[int, int], None] | None,
+    opener: Callable[[], Any] | None = None,
 ) -> int:
     """One pass: file sha256 (a thread), decompression (gzip members on a thread pool), payload
-    sha256 (a thread) and the structure check (this thread), with bounded queues between them."""
+    sha256 (a thread) and the structure check (this thread), with bounded queues between them.
+    OPENER: where the bytes come from when PATH is not a local file (the skeleton for qemu-img
+    check then goes to a temporary directory)."""
     payload_info = manifest.get("payload") or {}
     comparer = _StreamComparer(against) if against is not None else None
     checker = StreamChecker(comparer.on_data if comparer else None)
@@ -159,17 +206,22 @@ def _verify_stream(
     total = manifest["size"]
     done = 0
     gzip = manifest["format"] == "qcow2.gz"
+    plain = manifest["format"] == "qcow2"
     error: str | None = None
     with AsyncHash("qsnap-file-sha256") as file_hash, AsyncHash("qsnap-payload-sha256") as payload_hash:
 
         def consume(read: Callable[[int], bytes]) -> None:
-            blocks = parallel_gunzip(read) if gzip else parallel_unzstd(read)
+            blocks: Iterator[bytes]
+            if plain:
+                blocks = iter(lambda: read(4 << 20), b"")
+            else:
+                blocks = parallel_gunzip(read) if gzip else parallel_unzstd(read)
             for block in blocks:
                 payload_hash.update(block)
                 checker.feed(block)
 
         try:
-            with open(path, "rb") as handle:
+            with (opener() if opener is not None else open(path, "rb")) as handle:
                 def read(n: int) -> bytes:
                     nonlocal done
                     block = handle.read(n)
@@ -217,7 +269,13 @@ def _verify_stream(
     ok = payload_sha == payload_info.get("sha256")
     if not add("payload sha256", ok, "decompressed qcow2 differs from the manifest"):
         return result.file_size
-    _skeleton_check(path, result.metadata, result.file_size, add)
+    if opener is None:
+        _skeleton_check(path, result.metadata, result.file_size, add)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="qsnap-verify-") as tmp:
+            _skeleton_check(Path(tmp) / path.name, result.metadata, result.file_size, add)
     if comparer is not None:
         comparer.finish(result, add)
     return result.file_size

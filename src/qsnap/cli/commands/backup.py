@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("backup", help="export a snapshot (or @current) into a file")
     add_common(p, json=True)
     p.add_argument("name", metavar="NAME", help="snapshot name, or @current for the current state")
-    p.add_argument("output", metavar="OUTPUT", help=".qcow2, .qcow2.gz, .qcow2.zst[.age], .raw or .img")
+    p.add_argument("output", metavar="OUTPUT", help=".qcow2, .qcow2.gz, .qcow2.zst[.age], .raw or .img; "
+                   "s3://BUCKET/KEY.qcow2.zst or restic:REPOSITORY")
     p.add_argument("--id", dest="snapshot_id", metavar="N", help="select the snapshot by ID")
     p.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
     p.add_argument("--incremental", action="store_true", help="only the clusters changed since the last backup")
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("backup", metavar="BACKUP")
     p.add_argument("--against", metavar="IMAGE", help="also compare the content with the source snapshot in IMAGE")
     p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of an encrypted backup")
+    p.add_argument("--snapshot", metavar="ID_OR_NAME", help="restic: targets: the restic snapshot (ID or qsnap name)")
     p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("import", help="restore a backup into the image (the old one is kept as .bak-*)")
@@ -42,12 +44,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("backup", metavar="BACKUP")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("--passphrase-file", metavar="FILE", help="passphrase of an encrypted backup")
+    p.add_argument("--snapshot", metavar="ID_OR_NAME", help="restic: targets: the restic snapshot (ID or qsnap name)")
     p.set_defaults(handler=cmd_import)
 
     p = sub.add_parser("archive", help="back up matching snapshots into DIR/YYYY-MM/, verify, prune")
     add_common(p, json=True)
     p.add_argument("--match", required=True, metavar="GLOB", help="snapshot names to archive (shell glob)")
-    p.add_argument("--to", required=True, dest="to_dir", metavar="DIR")
+    p.add_argument("--to", required=True, dest="to_dir", metavar="DIR", help="a directory or s3://BUCKET/PREFIX/")
     p.add_argument("--keep-days", type=int, metavar="N", help="delete qsnap archives older than N days")
     p.add_argument("--format", dest="fmt", default="qcow2.zst", choices=["qcow2.zst", "qcow2.gz", "qcow2"])
     p.add_argument("--level", type=int, metavar="N")
@@ -172,15 +175,20 @@ def cmd_backup(inv: Invocation) -> int:
     else:
         from qsnap.backup.partial import human
 
-        inv.out(f"Backup written to {result.output} ({human(result.size)}, {result.format}, "
-                f"{result.duration_s:.1f} s); manifest {result.manifest_path.name}")
+        inv.out(f"Backup written to {result.location or result.output} ({human(result.size)}, {result.format}, "
+                f"{result.duration_s:.1f} s); manifest {result.manifest_location or result.manifest_path.name}")
     return 0
 
 
 def cmd_verify(inv: Invocation) -> int:
     from qsnap.backup import verify_backup
+    from qsnap.backup.targets import is_remote
     from qsnap.core.errors import VerificationFailed
 
+    if is_remote(inv.args.backup):
+        from qsnap.cli.commands.offsite import cmd_verify_remote
+
+        return cmd_verify_remote(inv)
     path = Path(inv.args.backup)
     against = _against(inv, path) if inv.args.against else None
     secret = passphrase(inv, needed=_is_encrypted_backup(path))
@@ -220,7 +228,9 @@ def _against(inv: Invocation, backup: Path) -> tuple[Path, Any]:
 
 def cmd_import(inv: Invocation) -> int:
     from qsnap.backup import import_backup
+    from qsnap.backup.targets import is_remote
 
+    remote = is_remote(inv.args.backup)
     path = Path(inv.args.backup)
     explicit = getattr(inv.args, "image", None) or inv.env.environ.get("QCOW2_IMAGE")
     if explicit and not (inv.env.cwd / explicit).exists():
@@ -234,10 +244,14 @@ def cmd_import(inv: Invocation) -> int:
     else:
         image = inv.image()
     if image.exists() and not inv.confirm(
-        f"Replace {image} with the content of {path}? (the old image is kept as .bak-*)"
+        f"Replace {image} with the content of {inv.args.backup if remote else path}? (the old image is kept as .bak-*)"
     ):
         inv.note("Nothing changed.")
         return 1
+    if remote:
+        from qsnap.cli.commands.offsite import import_remote
+
+        return import_remote(inv, image)
     secret = passphrase(inv, needed=_is_encrypted_backup(path))
     service_import = _service("import_backup")
     if service_import is not None:
@@ -265,7 +279,10 @@ def cmd_archive(inv: Invocation) -> int:
     encrypt = EncryptionSpec(secret) if secret is not None else None
     service_archive = _service("archive")
     call = service_archive or archive
-    result = call(image, snapshots, Path(args.to_dir), args.keep_days, args.fmt, level=args.level,
+    from qsnap.backup.targets import is_remote
+
+    to_dir = args.to_dir if is_remote(args.to_dir) else Path(args.to_dir)
+    result = call(image, snapshots, to_dir, args.keep_days, args.fmt, level=args.level,
                   encrypt=encrypt, progress=progress_for(inv))
     _print_warnings(inv, result.warnings)
     if inv.json:

@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("doctor", help="check the image, QEMU, the VM and the monitor; say how to fix problems")
     add_common(p, json=True)
+    p.add_argument("--target", metavar="TARGET", help="also check a backup target (s3://BUCKET/PREFIX, restic:REPO): "
+                   "reachable, unfinished uploads, backups without a manifest")
     p.set_defaults(handler=cmd_doctor)
 
     p = sub.add_parser("describe", help="set the description of a snapshot (empty text clears it)")
@@ -179,6 +181,11 @@ def cmd_doctor(inv: Invocation) -> int:
     except QsnapError:
         image = (inv.env.cwd / explicit) if explicit else None
     report = doctor(image, inv.context())
+    if getattr(inv.args, "target", None):
+        from qsnap.service.backups import target_checks
+        from qsnap.service.doctor import DoctorReport
+
+        report = DoctorReport(report.image, report.checks + tuple(target_checks(inv.args.target)))
     if inv.json:
         inv.emit_json(report.to_json())
     else:

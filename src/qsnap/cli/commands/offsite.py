@@ -1,0 +1,111 @@
+"""Off-site backups: ``qsnap backups list TARGET`` and the s3:// / restic: sides of verify and
+import (``backup`` and ``archive`` reach them through the service layer)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from qsnap.cli.invocation import Invocation
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from qsnap.cli.options import ArgumentParser, add_common
+
+    group = sub.add_parser("backups", help="what qsnap stored at a backup target (directory, s3://, restic:)")
+    group_sub: argparse._SubParsersAction[argparse.ArgumentParser] = group.add_subparsers(
+        dest="backups_command", metavar="ACTION", parser_class=ArgumentParser
+    )
+    p = group_sub.add_parser("list", help="list the backups (with their manifests) at TARGET")
+    add_common(p, json=True)
+    p.add_argument("target", metavar="TARGET", help="a directory, s3://BUCKET/PREFIX or restic:REPOSITORY")
+    p.set_defaults(handler=cmd_list)
+
+
+def cmd_list(inv: Invocation) -> int:
+    from qsnap.backup.offsite import list_backups
+    from qsnap.backup.partial import human
+    from qsnap.backup.targets import parse_location
+
+    entries = list_backups(parse_location(inv.args.target))
+    if inv.json:
+        inv.emit_json({"target": inv.args.target, "backups": entries})
+        return 0
+    if not entries:
+        inv.note(f"No qsnap backups at {inv.args.target}.")
+        return 0
+    for entry in entries:
+        size = human(entry["size"]) if entry.get("size") is not None else "?"
+        state = "" if entry.get("complete") else "  INCOMPLETE (no manifest or wrong size)"
+        ident = f"{entry['short_id']}  " if entry.get("short_id") else ""
+        inv.out(f"{ident}{entry.get('created_at') or '-':<28} {entry.get('snapshot') or '-':<20} {size:>10}  "
+                f"{entry['location'] if not ident else entry['name']}{state}")
+    return 0
+
+
+def _remote(text: str) -> Any:
+    from qsnap.backup.targets import parse_location
+
+    return parse_location(text)
+
+
+def _against(inv: Invocation, manifest: dict[str, Any] | None) -> tuple[Path, Any]:
+    from qsnap.core.errors import SnapshotNotFound, VerificationFailed
+    from qsnap.engines import qemu_img
+
+    if manifest is None:
+        raise VerificationFailed(f"Backup {inv.args.backup} has no qsnap manifest (an incomplete backup).")
+    image = Path(inv.args.against)
+    wanted = (manifest.get("source") or {}).get("snapshot")
+    if wanted is None:
+        return image, None
+    for snap in qemu_img.list_snapshots(image):
+        if (snap.id, snap.name, snap.date_iso) == (wanted["id"], wanted["name"], wanted["date"]):
+            return image, snap
+    raise SnapshotNotFound(f"Snapshot {wanted['name']!r} (ID {wanted['id']}) of the backup is not in {image}.")
+
+
+def cmd_verify_remote(inv: Invocation) -> int:
+    from qsnap.backup.offsite import manifest_at, verify_at
+    from qsnap.backup.targets import S3Location
+    from qsnap.cli.commands.backup import passphrase, progress_for
+    from qsnap.core.errors import VerificationFailed
+
+    location = _remote(inv.args.backup)
+    manifest = manifest_at(location) if isinstance(location, S3Location) else None
+    against = _against(inv, manifest) if inv.args.against and isinstance(location, S3Location) else None
+    secret = passphrase(inv, needed=bool(manifest and manifest.get("encryption")))
+    try:
+        report = verify_at(location, snapshot=inv.args.snapshot, against=against if against else inv.args.against,
+                           passphrase=secret, progress=progress_for(inv))
+    except VerificationFailed as exc:
+        failed_report = getattr(exc, "report", None)
+        if inv.json and failed_report is not None:
+            inv.emit_json(failed_report.to_json())
+        raise
+    if inv.json:
+        inv.emit_json(report.to_json())
+    else:
+        inv.out(f"Backup {report.backup} is OK ({len(report.checks)} checks)")
+    return 0
+
+
+def import_remote(inv: Invocation, image: Path) -> int:
+    from qsnap.backup.offsite import manifest_at
+    from qsnap.backup.targets import S3Location
+    from qsnap.cli.commands.backup import passphrase
+    from qsnap.service.backups import import_backup
+
+    location = _remote(inv.args.backup)
+    manifest = manifest_at(location) if isinstance(location, S3Location) else None
+    secret = passphrase(inv, needed=bool(manifest and manifest.get("encryption")))
+    result = import_backup(inv.args.backup, image, passphrase=secret, ctx=inv.context(), snapshot=inv.args.snapshot)
+    for warning in result.warnings:
+        inv.note(f"warning: {warning}")
+    if inv.json:
+        inv.emit_json(result.to_json())
+    else:
+        inv.out(f"Imported {result.location or inv.args.backup} into {image}"
+                + (f"; the previous image is kept as {result.previous}" if result.previous else ""))
+    return 0
