@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qsnap.compact import table
-from qsnap.compact.plan import Planner, StepStats
+from qsnap.compact.plan import Planner, StepStats, differing
 from qsnap.compact.writer import QemuWriter
 from qsnap.core.errors import ImageError, VerificationFailed
 from qsnap.qcow2 import format as fmt
@@ -313,15 +313,36 @@ def _changed_in(image: Qcow2Image, prev: Layer | None, layer: Layer, l1_index: i
     ep = image.l2_table(tp) if tp else None
     et = image.l2_table(tt) if tt else None
     out = set()
-    for i in range(count):
+    for i in differing(ep, et, count, step):
         a = ep[i * step] & _NOT_COPIED if ep is not None else 0
         b = et[i * step] & _NOT_COPIED if et is not None else 0
-        if step == 2:
-            a = (a, ep[i * 2 + 1] if ep is not None else 0)  # type: ignore[assignment]
-            b = (b, et[i * 2 + 1] if et is not None else 0)  # type: ignore[assignment]
-        if a != b:
+        if a != b or step == 2:
             out.add(i)
     return out
+
+
+def _runs(indices: list[int], limit: int) -> Iterator[tuple[int, int]]:
+    """Sorted indices as (first, count) runs of consecutive ones, at most LIMIT long."""
+    first = prev = -2
+    for i in indices:
+        if i == prev + 1 and i - first < limit:
+            prev = i
+            continue
+        if first >= 0:
+            yield first, prev - first + 1
+        first = prev = i
+    if first >= 0:
+        yield first, prev - first + 1
+
+
+def _same(source: Qcow2Image, new: Qcow2Image, a: fmt.SnapshotEntry | None, b: fmt.SnapshotEntry | None,
+          guest: int, n: int, buf_s: bytearray, buf_n: bytearray) -> bool:
+    """Whether N guest bytes at GUEST read the same in both (reused buffers, compared by memcmp)."""
+    source.readinto(guest, memoryview(buf_s)[:n], a, zeroed=False)
+    new.readinto(guest, memoryview(buf_n)[:n], b, zeroed=False)
+    if n == len(buf_s):
+        return buf_s == buf_n
+    return buf_s[:n] == buf_n[:n]
 
 
 def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None) -> int:
@@ -346,6 +367,7 @@ def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None
     compared = 0
     prev_s: Layer | None = None
     prev_n: Layer | None = None
+    buf_s, buf_n = bytearray(_VM_CHUNK), bytearray(_VM_CHUNK)
     states: list[tuple[fmt.SnapshotEntry | None, fmt.SnapshotEntry | None]] = [*zip(se, ne, strict=True), (None, None)]
     for k, (a, b) in enumerate(states):
         ls = source.layer(a) if a is not None else source.active
@@ -358,11 +380,11 @@ def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None
             start = l1_index * span
             count = (min(disk, start + span) - start + cs - 1) // cs
             changed = _changed_in(source, prev_s, ls, l1_index, count) | _changed_in(new, prev_n, ln, l1_index, count)
-            for i in sorted(changed):
-                guest = start + i * cs
-                n = min(cs, disk - guest)
-                if source.read(guest, n, a) != new.read(guest, n, b):
-                    raise VerificationFailed(f"{label}: guest data differs in the cluster at {guest:#x}.")
+            for first, run in _runs(sorted(changed), max(1, _VM_CHUNK // cs)):
+                guest = start + first * cs
+                n = min(run * cs, disk - guest)
+                if not _same(source, new, a, b, guest, n, buf_s, buf_n):
+                    raise VerificationFailed(f"{label}: guest data differs in the range at {guest:#x}.")
                 compared += n
         if a is not None and b is not None and a.vm_state_size:
             for pos in range(0, a.vm_state_size, _VM_CHUNK):

@@ -21,6 +21,7 @@ Everything here reads the source through :mod:`qsnap.qcow2` and never writes.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -42,7 +43,8 @@ class Op:
     offset: int
     length: int
     kind: str
-    data: bytes | None = None  # data/compressed ops after materialize()
+    data: bytes | memoryview | None = None  # data/compressed ops after materialize(); a view
+    # into a buffer the next op reuses: consume (or copy) it before asking for the next op
 
 
 @dataclass
@@ -135,7 +137,8 @@ class Planner:
             end = min(disk, start + span)
             ep = image.l2_table(tp, f"L2 table of the {prev.what}") if tp and prev is not None else None
             et = image.l2_table(tt, f"L2 table of the {target.what}") if tt else None
-            for i in range((end - start + cs - 1) // cs):
+            count = (end - start + cs - 1) // cs
+            for i in differing(ep, et, count, step):
                 a = ep[i * step] & _NOT_COPIED if ep is not None else 0
                 b = et[i * step] & _NOT_COPIED if et is not None else 0
                 if ext_l2:
@@ -177,6 +180,7 @@ class Planner:
         cs = self.cs
         span = image.l2_entries * cs
         zero_op = OP_ZERO if self.v3 else (OP_UNMAP if not self.backing else None)
+        buffer = bytearray(_MAX_OP)
         for op in ops:
             if op.kind in (OP_ZERO, OP_UNMAP):
                 for pos in range(op.offset, op.offset + op.length, _MAX_ZERO_OP):
@@ -187,7 +191,8 @@ class Planner:
             pos, end = op.offset, op.offset + op.length
             while pos < end:
                 n = min(_MAX_OP, end - pos)
-                buf = image.read(pos, n, target)
+                buf = memoryview(buffer)[:n]
+                image.readinto(pos, buf, target, zeroed=False)
                 for out in self._split_zeros(Op(pos, n, op.kind), buf, zero_op, stats):
                     stats.touched_l2.update(range(out.offset // span, (out.offset + out.length - 1) // span + 1))
                     if out.kind == OP_DATA:
@@ -199,9 +204,9 @@ class Planner:
                     yield out
                 pos += n
 
-    def _split_zeros(self, op: Op, buf: bytes, zero_op: str | None, stats: StepStats) -> Iterator[Op]:
+    def _split_zeros(self, op: Op, buf: memoryview, zero_op: str | None, stats: StepStats) -> Iterator[Op]:
         g, cs = self.granule, self.cs
-        view = memoryview(buf)
+        view = buf
         zeros = bytes(g)
         run_start = op.offset
         run_kind: str | None = None
@@ -210,7 +215,7 @@ class Planner:
         def emit(start: int, stop: int, kind: str) -> Op:
             if kind in (OP_ZERO, OP_UNMAP):
                 return Op(start, stop - start, kind)
-            return Op(start, stop - start, kind, bytes(view[start - op.offset : stop - op.offset]))
+            return Op(start, stop - start, kind, view[start - op.offset : stop - op.offset])
 
         while pos < end:
             n = min(g - (pos % g), end - pos)
@@ -234,7 +239,7 @@ class Planner:
         if run_kind is not None:
             yield emit(run_start, end, run_kind)
 
-    def _compressed_size(self, data: bytes) -> int:
+    def _compressed_size(self, data: bytes | memoryview) -> int:
         """About what QEMU stores for one compressed cluster: the compressed bytes, in
         512-byte sectors (qcow2_co_pwritev_compressed_part; zlib raw deflate with a 4 KiB
         window or zstd, docs/interop/qcow2.txt "Compressed Clusters Descriptor")."""
@@ -250,6 +255,28 @@ class Planner:
         if size >= len(data):
             return len(data)  # QEMU writes it uncompressed
         return size
+
+
+_BLOCK = 128  # L2 entries compared at once
+
+
+def differing(a: array[int] | None, b: array[int] | None, count: int, step: int) -> Iterator[int]:
+    """Indices (< COUNT) of the entries of two L2 tables (None: all zero) that may differ, found
+    a block of entries at a time (the tables are compared in C; only differing blocks are walked
+    in Python). COPIED bits are not masked here: callers compare the masked values."""
+    zero = array("Q", bytes(8 * _BLOCK * step))
+    for first in range(0, count, _BLOCK):
+        last = min(count, first + _BLOCK)
+        lo, hi = first * step, last * step
+        pa = a[lo:hi] if a is not None else zero[: hi - lo]
+        pb = b[lo:hi] if b is not None else zero[: hi - lo]
+        if pa == pb:
+            continue
+        for i in range(first, last):
+            if pa[(i - first) * step] != pb[(i - first) * step] or (
+                step == 2 and pa[(i - first) * 2 + 1] != pb[(i - first) * 2 + 1]
+            ):
+                yield i
 
 
 def _pieces(a: list[Extent], b: list[Extent]) -> Iterator[tuple[int, int, str, str]]:
