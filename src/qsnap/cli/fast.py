@@ -79,6 +79,10 @@ def fast_list(image_option: str | None, as_json: bool) -> int | None:
 
 
 def run() -> None:
+    if sys.argv[1:2] == ["__complete"]:  # the shells' completion callback: every <Tab>, keep it lean
+        from qsnap.cli.complete import main as complete_main
+
+        sys.exit(complete_main(sys.argv[2:]))
     parsed = parse_list(sys.argv[1:]) if not os.environ.get("QSNAP_NO_FAST_PATH") else None
     if parsed is not None:
         code = fast_list(*parsed)

@@ -9,7 +9,7 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 
 def COMMAND_MODULES() -> list[Register]:
-    from qsnap.cli.commands import backup, compact, guest, offsite, ops, snapshots, vm
+    from qsnap.cli.commands import backup, compact, completion, guest, offsite, ops, snapshots, vm
 
     return [snapshots.register, backup.register, ops.register, vm.register, offsite.register, guest.register,
-            compact.register]
+            compact.register, completion.register]
