@@ -1,0 +1,172 @@
+"""Off-site backup benchmark (issue 14), ratios from one run.
+
+1. S3: ``qsnap backup bench s3://BUCKET/streamed.qcow2.zst`` (compressed and uploaded as one
+   stream, parts in flight in parallel) against the baseline a user has without it: a local
+   ``qsnap backup bench local.qcow2.zst`` followed by boto3's best file upload
+   (``S3Transfer.upload_file``: multipart, 10 threads) of that file. Goal: streamed <= 0.6x.
+   Peak memory of the streaming qsnap process (max RSS, os.wait4). Goal: < 300 MiB.
+2. restic: seven daily backups of the same image into one repository (local, restic's own
+   format), 1% of the data rewritten between days; repository growth after the first day
+   measured with ``restic stats --mode raw-data``. Goal: <= 3% of the first day's size a day.
+
+The S3 endpoint is moto's server on 127.0.0.1 (what the tests use; it keeps objects in memory,
+so the upload costs CPU on the same 2 cores rather than network time: a real endpoint over a
+network makes the streamed path look better still, since the upload then overlaps compression).
+
+   The 1% is rewritten in 4 MiB extents (files rewritten) and, as a worst case, scattered
+   256 KiB pieces: restic's content-defined chunks average 1 MiB, so a changed piece smaller
+   than that costs whole chunks around it.
+
+Usage: .venv/bin/python bench/bench_offsite.py [DATA_MIB]   (default 1024; the issue's scale is 4096)
+       BENCH_PARTS=s3 or BENCH_PARTS=restic runs one half only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_backup import make_image, run_qsnap, timed, verdict
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_moto(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    log = open(work / "moto.log", "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("moto_server did not start")
+
+
+def change_one_percent(image: Path, data_mib: int, day: int, piece: int) -> None:
+    """Rewrite 1% of the data: random PIECE-sized pieces at random places among the data."""
+    rnd = random.Random(day)
+    count = max(1, (data_mib << 20) // 100 // piece)
+    blob = image.with_suffix(".day")
+    blob.write_bytes(os.urandom(piece))
+    cmds = []
+    for _ in range(count):
+        offset = rnd.randrange(0, (data_mib << 20) // piece) * piece
+        cmds += ["-c", f"write -s {blob} {offset} {piece}"]
+    subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(image)], check=True, stdout=subprocess.DEVNULL)
+    blob.unlink()
+
+
+def main() -> None:
+    data_mib = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
+    work = Path(tempfile.mkdtemp(prefix="qsnap-bench-offsite-", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
+    try:
+        image = work / "disk.qcow2"
+        make_image(image, data_mib)
+        print(f"image: {data_mib} MiB of mixed data, cores={os.cpu_count()}, load {os.getloadavg()[0]:.1f}")
+        parts = os.environ.get("BENCH_PARTS", "s3,restic").split(",")
+        if "s3" in parts:
+            run_s3(work, image)
+        if "restic" in parts:
+            for piece in (4 << 20, 256 << 10):
+                run_restic(work, image, data_mib, piece)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_s3(work: Path, image: Path) -> None:
+    moto = None
+    try:
+        moto, url = start_moto(work)
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
+               "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+        os.environ.update(env)
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        s3.create_bucket(Bucket="bench")
+
+        # baseline: local backup, then boto3's managed multipart file upload
+        local = work / "local.qcow2.zst"
+        t_local, rss_local = run_qsnap("-i", str(image), "backup", "bench", str(local))
+        t_upload = timed(lambda: s3.upload_file(str(local), "bench", "uploaded.qcow2.zst",
+                                                Config=TransferConfig(max_concurrency=10)))
+        baseline = t_local + t_upload
+        print(f"baseline: local backup {t_local:.2f}s + boto3 upload_file {t_upload:.2f}s = {baseline:.2f}s "
+              f"({local.stat().st_size / 2**20:.1f} MiB) [qsnap max RSS {rss_local:.0f} MiB]")
+        t_stream, rss_stream = run_qsnap("-i", str(image), "backup", "bench", "s3://bench/streamed.qcow2.zst")
+        ratio = t_stream / baseline
+        print(f"streamed: backup bench s3://... {t_stream:.2f}s = {ratio:.2f}x the baseline "
+              f"(goal <= 0.6x: {verdict(ratio <= 0.6)}); peak memory {rss_stream:.0f} MiB "
+              f"(goal < 300: {verdict(rss_stream < 300)})")
+        t_verify, rss_verify = run_qsnap("verify", "s3://bench/streamed.qcow2.zst")
+        print(f"verify s3://... (ranged parallel GETs): {t_verify:.2f}s [max RSS {rss_verify:.0f} MiB]")
+        local.unlink()
+    finally:
+        if moto is not None:
+            moto.kill()
+            moto.wait()
+
+
+def run_restic(work: Path, base_image: Path, data_mib: int, piece: int) -> None:
+    """Seven days, 1% of the data rewritten a day in PIECE-sized pieces."""
+    image = work / "restic.qcow2"
+    shutil.copyfile(base_image, image)
+    repo = str(work / f"repo-{piece}")
+    restic_env = {**os.environ, "RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": repo,
+                  "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+    os.environ.update(restic_env)
+    subprocess.run(["restic", "init"], env=restic_env, check=True, capture_output=True)
+
+    def raw_size() -> int:
+        out = subprocess.run(["restic", "stats", "--json", "--mode", "raw-data"], env=restic_env, check=True,
+                             capture_output=True, text=True).stdout
+        return int(json.loads(out)["total_size"])
+
+    sizes = []
+    times = []
+    peaks = []
+    for day in range(1, 8):
+        if day > 1:
+            change_one_percent(image, data_mib, day, piece)
+        subprocess.run(["qemu-img", "snapshot", "-c", f"day{day}", str(image)], check=True)
+        t, rss = run_qsnap("-i", str(image), "backup", f"day{day}", f"restic:{repo}")
+        times.append(t)
+        peaks.append(rss)
+        sizes.append(raw_size())
+    first = sizes[0]
+    growth = [(b - a) / first for a, b in itertools.pairwise(sizes)]
+    print(f"restic, 1% a day in {piece >> 10} KiB pieces. day 1: {first / 2**20:.1f} MiB raw data in the "
+          f"repository ({times[0]:.1f}s)")
+    for day, (g, t) in enumerate(zip(growth, times[1:], strict=True), start=2):
+        print(f"restic day {day}: +{g:.2%} of day 1 ({t:.1f}s)")
+    worst = max(growth)
+    print(f"restic growth after the first day ({piece >> 10} KiB pieces): worst {worst:.2%} a day "
+          f"(goal <= 3%: {verdict(worst <= 0.03)}); qsnap peak memory {max(peaks):.0f} MiB")
+    image.unlink()
+
+
+if __name__ == "__main__":
+    main()
