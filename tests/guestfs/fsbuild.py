@@ -99,7 +99,7 @@ def fs_block_size(image: Path) -> int:
 
 def first_block(image: Path, guest_path: str) -> int:
     """The physical block holding logical block 0 of GUEST_PATH (debugfs ``bmap``)."""
-    return int(debugfs_r(image, f"bmap {guest_path} 0").split()[-1])
+    return int(debugfs_r(image, f'bmap "{guest_path}" 0').split()[-1])
 
 
 def inode_number(image: Path, guest_path: str) -> int:
