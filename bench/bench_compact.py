@@ -36,8 +36,8 @@ def qemu_io(img: Path, cmds: list[str]) -> None:
 
 def unique_data(img: Path) -> int:
     """Bytes of distinct host data clusters some snapshot or the current state reaches."""
-    from qsnap.qcow2 import open_image
     from qsnap.qcow2 import format as fmt
+    from qsnap.qcow2 import open_image
 
     with open_image(img) as image:
         tables = set()
@@ -102,7 +102,8 @@ def main() -> None:
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         after = img.stat().st_size
         print(f"image: {a.virtual_gib} GiB virtual, {a.data_mib} MiB data, {a.snapshots} snapshots changing "
-              f"{a.change_pct:g}% each, {a.deleted} deleted; built in {built:.1f} s; file {size_before / 2**30:.2f} GiB")
+              f"{a.change_pct:g}% each, {a.deleted} deleted; built in {built:.1f} s; "
+              f"file {size_before / 2**30:.2f} GiB")
         print(f"qemu-img convert -O qcow2: {convert_s:.1f} s -> {converted / 2**30:.2f} GiB (no snapshots kept)")
         print(f"qsnap compact:             {compact_s:.1f} s -> {after / 2**30:.2f} GiB "
               f"({a.snapshots - a.deleted} snapshots kept, verified)")

@@ -228,7 +228,7 @@ def _run_steps(
             l1.need((vso + entry.vm_state_size + span - 1) // span)
             new_id = table.next_id(ids)
             if writer is not None:
-                writer.snapshot_create(table.placeholder_name(k, len(raw), new_id))
+                writer.snapshot_create(table.placeholder_name(len(raw), new_id))
                 writer.snapshot_apply(temp_id)
                 writer.snapshot_delete(temp_name)
             ids.remove(temp_id)
@@ -236,7 +236,7 @@ def _run_steps(
         else:
             new_id = table.next_id(ids)
             if writer is not None:
-                writer.snapshot_create(table.placeholder_name(k, len(raw), new_id))
+                writer.snapshot_create(table.placeholder_name(len(raw), new_id))
             ids.append(new_id)
         pred.l1_clusters += -(-l1.size * 8 // cs)
         checkpoint(f"snapshot-{k + 1}")
@@ -267,6 +267,21 @@ def _run_steps(
     return pred
 
 
+def _cut_free_tail(path: Path) -> None:
+    """Cut the clusters at the end of the file whose refcount is 0 (snapshot tables and L1
+    copies QEMU freed after the last allocation): nothing references them, and a refcount of 0
+    is what clusters past the end of the file have anyway ("== Host cluster management ==")."""
+    with Qcow2Image(path) as new:
+        counts = new.refcounts()
+        last = len(counts)
+        while last > 1 and counts[last - 1] == 0:
+            last -= 1
+        end = last * new.cluster_size
+        size = new.file_size
+    if end < size:
+        os.truncate(path, end)
+
+
 def predict(image: Qcow2Image, *, compress: bool = False, sparsify: list[tuple[int, int]] | None = None) -> Prediction:
     """The size the new image will have (reads the source's data to find zero clusters)."""
     refuse_unsupported(image)
@@ -292,6 +307,7 @@ def build(
         pred = _run_steps(image, Planner(image, compress=compress), writer, checkpoint, progress, sparsify)
     finally:
         writer.cleanup()
+    _cut_free_tail(output)
     fd = os.open(output, os.O_RDONLY)
     try:
         os.fsync(fd)

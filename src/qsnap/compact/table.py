@@ -69,13 +69,13 @@ def entry_size_for(id_len: int, name_len: int) -> int:
     return fmt.SNAPSHOT_HEADER.size + QEMU_EXTRA + id_len + name_len
 
 
-def placeholder_name(index: int, wanted_size: int, new_id: str) -> str:
-    """A unique name for the INDEX-th snapshot, long enough that QEMU's entry is WANTED_SIZE
-    bytes (clamped to what QEMU accepts: 1..255 characters, never all digits)."""
-    base = f"{PLACEHOLDER}{index}-"
+def placeholder_name(wanted_size: int, new_id: str) -> str:
+    """A name that makes QEMU's entry WANTED_SIZE bytes long (clamped to what QEMU accepts:
+    1..255 characters). Placeholders need not be unique: they are only ever created (the
+    temporary snapshots, looked up by name, are named PLACEHOLDER + "tmp-N", which no run of
+    "x" equals)."""
     length = wanted_size - entry_size_for(len(new_id), 0)
-    length = max(len(base), min(QEMU_NAME_MAX, length))
-    return (base + "x" * length)[:length]
+    return "x" * max(1, min(QEMU_NAME_MAX, length))
 
 
 def next_id(existing: list[str]) -> str:
@@ -123,7 +123,10 @@ def rewrite(path: str | os.PathLike[str], source_entries: list[bytes]) -> None:
                 f"cluster(s) of {cs} bytes for it: the table was not rewritten.",
             )
         offset = header.snapshots_offset
-    table += bytes(clusters * cs - len(table))
+        file_size = new.file_size
+    # zeros over the rest of QEMU's table, inside its clusters but not past the end of the file
+    # (QEMU does not pad a table it writes at the end: neither do we)
+    table += bytes(max(0, min(clusters * cs, file_size - offset) - len(table)))
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
         view = memoryview(table)
