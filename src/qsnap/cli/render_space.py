@@ -65,6 +65,13 @@ def render_space(report: SpaceReport, stream: TextIO, *, tty: bool, width: int) 
             f"{report.leaked_clusters} leaked cluster(s): 'qemu-img check -r leaks' reclaims them"
             f"{' (the image is dirty: refcounts may be stale)' if report.dirty else ''}.\n"
         )
+    reclaimable = report.leaked_bytes + report.unreferenced_bytes  # = service.compact.estimate_reclaimable
+    if report.file_size and reclaimable > max(0.10 * report.file_size, 8 << 20):  # 10% (and 8 MiB)
+        stream.write(
+            f"'qsnap compact' would reclaim at least {human(reclaimable)} "
+            f"({100 * reclaimable / report.file_size:.0f}% of the file) and keep every snapshot "
+            f"('qsnap compact --dry-run' shows the details).\n"
+        )
     if tty and report.snapshots:
         stream.write("\n" + "\n".join(bar_chart(report, width)) + "\n")
 

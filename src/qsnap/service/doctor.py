@@ -530,12 +530,17 @@ def _check_accounting(state: _State) -> Check:
                "shared_bytes": report.shared_bytes}
     found = (f"{_size(report.allocated_bytes)} in use of a {_size(report.file_size)} file; "
              f"leaked {_size(report.leaked_bytes)}, free inside the file {_size(report.unreferenced_bytes)}")
+    reclaimable = report.leaked_bytes + report.unreferenced_bytes  # service.compact.estimate_reclaimable
+    details["reclaimable_bytes"] = reclaimable
     if report.leaked_bytes:
         return Check("accounting", WARN, found + ": clusters with a refcount that nothing references",
-                     "with the VM stopped: qemu-img check -r leaks IMAGE", details)
-    if report.unreferenced_bytes > max(report.file_size // 4, 256 * 1024**2):
-        return Check("accounting", WARN, found + ": much of the file is free space left by deleted snapshots",
-                     "compact offline: qsnap backup @current NEW.qcow2, then swap the files (VM stopped)", details)
+                     "with the VM stopped: qemu-img check -r leaks IMAGE, or 'qsnap compact' (reclaims "
+                     "the free space inside the file too, keeping every snapshot)", details)
+    if reclaimable > max(report.file_size // 10, 8 << 20):  # more than 10% (and 8 MiB)
+        return Check("accounting", WARN, found + f": 'qsnap compact' would reclaim at least {_size(reclaimable)} "
+                     f"({100 * reclaimable // max(1, report.file_size)}% of the file)",
+                     "qsnap compact (keeps every snapshot; 'qsnap compact --dry-run' shows what it reclaims)",
+                     details)
     return Check("accounting", OK, found, None, details)
 
 
