@@ -124,13 +124,16 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 
 class S3Proxy:
     """Forward HTTP to moto; ``reject_part=N`` answers UploadPart N with 403 AccessDenied;
-    ``vanish_after_parts=N`` lets N parts through, then drops every connection (the endpoint is gone)."""
+    ``vanish_after_parts=N`` lets N parts through, then drops every connection (the endpoint is gone);
+    ``part_delay=S`` holds every part S seconds (a slow link); ``first_part`` is set when a part arrives."""
 
     def __init__(self, upstream_port: int, *, reject_part: int | None = None,
-                 vanish_after_parts: int | None = None) -> None:
+                 vanish_after_parts: int | None = None, part_delay: float = 0.0) -> None:
         self.upstream_port = upstream_port
         self.reject_part = reject_part
         self.vanish_after_parts = vanish_after_parts
+        self.part_delay = part_delay
+        self.first_part = threading.Event()
         self.parts_seen = 0
         self.gone = False
         self.lock = threading.Lock()
@@ -180,6 +183,9 @@ class S3Proxy:
                             self.end_headers()
                             self.wfile.write(text)
                             return
+                if is_part:
+                    proxy.first_part.set()
+                    time.sleep(proxy.part_delay)
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 headers["Content-Length"] = str(len(body))

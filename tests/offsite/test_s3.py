@@ -6,12 +6,26 @@ wrong credentials, access denied, a missing bucket, an existing key, one flipped
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from offsite_testlib import Moto, random_image, s3_environ
-from qsnap_testlib import fingerprint, free_port, one_error_line, qemu_img, qsnap_main, run_qsnap
+from qsnap_testlib import (
+    QSNAP,
+    clean_environ,
+    fingerprint,
+    free_port,
+    has_traceback,
+    kill_popen,
+    one_error_line,
+    qemu_img,
+    qemu_io,
+    qsnap_main,
+    run_qsnap,
+)
 
 
 @pytest.fixture
@@ -126,6 +140,25 @@ def test_endpoint_gone_mid_upload_leaves_no_object_and_doctor_lists_the_upload(
     assert left[0]["UploadId"] in json.dumps(found[0]["details"])
 
 
+def test_ctrl_c_mid_upload_exits_130_and_aborts_the_upload(
+    disk: Path, moto: Moto, bucket: str, s3_env: dict[str, str], s3_proxy: Any
+) -> None:
+    proxy = s3_proxy(part_delay=1.0)  # a slow link: the upload is surely running when Ctrl-C comes
+    proc = subprocess.Popen([str(QSNAP), "-i", str(disk), "backup", "base", f"s3://{bucket}/disk.qcow2.zst"],
+                            env=clean_environ({**s3_env, "AWS_ENDPOINT_URL": proxy.url}), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proxy.first_part.wait(60), "no part was uploaded"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert not has_traceback(err)
+    finally:
+        kill_popen(proc)
+    assert keys(moto, bucket) == []
+    assert uploads(moto, bucket) == []
+
+
 def test_one_flipped_byte_fails_verify_and_import_with_11(
     tmp_path: Path, disk: Path, moto: Moto, bucket: str, s3_env: dict[str, str]
 ) -> None:
@@ -231,3 +264,44 @@ def test_credentials_never_appear_in_argv_or_output(disk: Path, bucket: str, s3_
     rc, out, err = run_qsnap("-i", disk, "backup", "base", f"s3://{bucket}/x.qcow2.zst", "--json", env=env)
     assert rc == 0, err
     assert "very-secret-value" not in out + err
+
+
+def test_incremental_to_s3_finds_its_base_by_manifest_and_verifies_and_imports_the_chain(
+    tmp_path: Path, disk: Path, moto: Moto, bucket: str, s3_env: dict[str, str]
+) -> None:
+    full, later = f"s3://{bucket}/inc/full.qcow2", f"s3://{bucket}/inc/later.qcow2"
+    assert qsnap_main(["-i", disk, "backup", "base", full], environ=s3_env).rc == 0
+    qemu_io(disk, "write -P 0x77 2M 128k")
+    qemu_img("snapshot", "-c", "later", str(disk))
+    rc, out, err = qsnap_main(["-i", disk, "backup", "later", later, "--incremental", "--json"], environ=s3_env)
+    assert rc == 0, err
+    made = json.loads(out)
+    assert made["incremental_base"] == "full.qcow2" and made["size"] < (2 << 20)
+    rc, out, err = qsnap_main(["verify", later, "--json"], environ=s3_env)
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["backup"] == later and report["chain"][:2] == ["later.qcow2", "inc/full.qcow2"]
+    assert {c["name"] for c in report["checks"]} >= {"incremental base", "base full.qcow2", "qemu-img check"}
+    restored = tmp_path / "restored.qcow2"
+    rc, _, err = qsnap_main(["-i", restored, "import", later, "--yes"], environ=s3_env)
+    assert rc == 0, err
+    assert same_disk(restored, reference_raw(disk, "later", tmp_path / "later.raw"))
+    assert qemu_img("info", "--output=json", str(restored)).stdout.count("backing-filename") == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".qsnap-import-")]
+    # a damaged base fails the incremental's verification
+    s3 = moto.client()
+    data = bytearray(s3.get_object(Bucket=bucket, Key="inc/full.qcow2")["Body"].read())
+    data[-100] ^= 0x01
+    s3.put_object(Bucket=bucket, Key="inc/full.qcow2", Body=bytes(data))
+    rc, _, err = qsnap_main(["verify", later], environ=s3_env)
+    assert rc == 11 and "base full.qcow2" in one_error_line(err)
+
+
+def test_backups_list_of_a_local_directory(tmp_path: Path, disk: Path) -> None:
+    out_dir = tmp_path / "backups"
+    assert qsnap_main(["-i", disk, "backup", "base", out_dir / "a.qcow2.zst"]).rc == 0
+    (out_dir / "stray.qcow2.zst").write_bytes(b"not a backup of qsnap's")
+    rc, out, err = qsnap_main(["backups", "list", out_dir, "--json"])
+    assert rc == 0, err
+    [entry] = json.loads(out)["backups"]  # files without a qsnap manifest are not qsnap's
+    assert entry["name"] == "a.qcow2.zst" and entry["complete"] and entry["snapshot"] == "base"

@@ -129,6 +129,7 @@ class VerifyReport:
     payload_bytes: int = 0
     duration_s: float = 0.0
     chain: tuple[Path, ...] = ()
+    location: str = ""  # an off-site backup: s3://BUCKET/KEY or restic:REPO snapshot ID
 
     @property
     def failed(self) -> tuple[Check, ...]:
@@ -136,7 +137,7 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "backup": str(self.backup),
+            "backup": self.location or str(self.backup),
             "ok": self.ok,
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.checks],
             "payload_bytes": self.payload_bytes,

@@ -113,9 +113,6 @@ def _export_s3(
     if form == "qcow2" and (compress or encrypt is not None):
         raise UsageError("An S3 .qcow2 backup is a plain qcow2 stream: for compression or encryption use "
                          ".qcow2.zst[.age] or .qcow2.gz[.age].")
-    if incremental:
-        raise UsageError("--incremental is not supported for s3:// targets yet: make full .qcow2.zst backups "
-                         "(or use a restic: target, which deduplicates).")
     if level is None:
         level = DEFAULT_LEVELS.get(form)
     bucket = S3Target(target.bucket)
@@ -319,9 +316,25 @@ def verify_at(
     bucket.check_bucket()
     manifest = s3_manifest(location)
     info = bucket.head(location.key)
+    chain: list[Check] = []
+    chain_paths: list[Path] = []
+    inc = (manifest or {}).get("incremental")
+    if inc:
+        base = location.child(str(inc["base"]))
+        chain_paths.append(Path(base.key))
+        base_manifest = s3_manifest(base)
+        ok = base_manifest is not None and base_manifest.get("sha256") == inc["base_sha256"]
+        chain.append(Check("incremental base", ok, f"{base} is missing or is not the backup this one was made on"))
+        if ok:
+            try:
+                report = verify_at(base, passphrase=passphrase)
+                chain_paths.extend(report.chain)
+                chain.append(Check(f"base {base.name}", True))
+            except VerificationFailed as exc:
+                chain.append(Check(f"base {base.name}", False, exc.message))
     return verify_source(str(location), manifest, lambda: bucket.reader(location.key),
                          size=info.size if info is not None else None, against=against,
-                         passphrase=passphrase, progress=progress)
+                         passphrase=passphrase, progress=progress, chain=tuple(chain), chain_paths=tuple(chain_paths))
 
 
 def _verify_restic(location: ResticLocation, selector: str | None, progress: Progress | None) -> VerifyReport:
@@ -351,8 +364,8 @@ def _verify_restic(location: ResticLocation, selector: str | None, progress: Pro
     if snap.complete:
         checks.append(Check("size", done == total, f"the restored stream has {done} bytes, the tags say {total}"))
         checks.append(Check("sha256", sha == snap.tags.get("sha256"), "the restored stream's sha256 differs"))
-    report = VerifyReport(Path(label), all(c.ok for c in checks), tuple(checks), done,
-                          time.monotonic() - started, (Path(label),))
+    report = VerifyReport(Path(snap.file_name), all(c.ok for c in checks), tuple(checks), done,
+                          time.monotonic() - started, (Path(snap.file_name),), location=label)
     if not report.ok:
         failed = "; ".join(f"{c.name}: {c.detail}" for c in report.failed)
         error = VerificationFailed(f"Backup {label} failed verification: {failed}.")
@@ -373,15 +386,52 @@ def import_from(
     from qsnap.backup.importer import import_verified
     from qsnap.backup.targets.s3 import S3Target
 
-    report = verify_at(location, passphrase=passphrase)  # VerificationFailed (11): image untouched
-    del report
+    verify_at(location, passphrase=passphrase)  # VerificationFailed (11): image untouched
     manifest = s3_manifest(location)
     assert manifest is not None
     bucket = S3Target(location.bucket)
+    if manifest.get("incremental"):
+        return _import_s3_chain(location, image, started)
     result = import_verified(Path(location.name), manifest, lambda: bucket.reader(location.key), image,
                              passphrase=passphrase, started=started, remote=True)
     return ImportResult(result.image, result.backup, result.previous, result.duration_s, result.warnings,
                         location=str(location))
+
+
+def _import_s3_chain(location: S3Location, image: Path, started: float) -> ImportResult:
+    """An incremental backup: its chain is downloaded beside IMAGE (qemu-img convert flattens a
+    backing chain only from files), imported as a local backup, and removed."""
+    import shutil
+    import tempfile
+
+    from qsnap.backup.importer import import_backup
+    from qsnap.backup.partial import check_space
+    from qsnap.backup.targets.s3 import S3Target
+
+    bucket = S3Target(location.bucket)
+    links: list[tuple[S3Location, dict[str, Any]]] = []
+    link: S3Location | None = location
+    while link is not None and len(links) < 1000:
+        manifest = s3_manifest(link)
+        if manifest is None:
+            raise VerificationFailed(f"{link} has no qsnap manifest; the image is untouched.")
+        links.append((link, manifest))
+        base = (manifest.get("incremental") or {}).get("base")
+        link = link.child(str(base)) if base else None
+    needed = sum(int(m.get("size") or 0) for _, m in links)
+    check_space(image.parent, 2 * needed + (4 << 20), f"the incremental chain of {location.name} and the image")
+    tmp = Path(tempfile.mkdtemp(prefix=".qsnap-import-", dir=image.parent))
+    try:
+        for where, manifest in links:
+            with bucket.reader(where.key) as reader, open(tmp / where.name, "wb") as out:
+                while block := reader.read(8 << 20):
+                    out.write(block)
+            (tmp / (where.name + ".json")).write_text(json.dumps(manifest))
+        result = import_backup(tmp / location.name, image)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ImportResult(result.image, Path(location.name), result.previous, time.monotonic() - started,
+                        result.warnings, location=str(location))
 
 
 def _import_restic(location: ResticLocation, selector: str | None, image: Path, started: float) -> ImportResult:

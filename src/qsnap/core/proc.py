@@ -126,10 +126,16 @@ def _drain(stream: IO[bytes], into: list[bytes]) -> threading.Thread:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Kill PROC (by its PID, through Popen) if it still runs, and reap it."""
+    """Stop PROC (by its PID, through Popen) if it still runs: SIGTERM so that it can clean up
+    (restic removes its repository lock), SIGKILL after 5 s; reap it."""
     if proc.poll() is None:
         with contextlib.suppress(OSError):
-            proc.kill()
+            proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                proc.kill()
     with contextlib.suppress(Exception):
         proc.wait(timeout=30)
 

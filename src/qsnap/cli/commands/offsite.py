@@ -87,7 +87,8 @@ def cmd_verify_remote(inv: Invocation) -> int:
     if inv.json:
         inv.emit_json(report.to_json())
     else:
-        inv.out(f"Backup {report.backup} is OK ({len(report.checks)} checks)")
+        inv.out(f"Backup {report.location or report.backup} is OK ({len(report.checks)} checks"
+                + (f", chain of {len(report.chain)}" if len(report.chain) > 1 else "") + ")")
     return 0
 
 
