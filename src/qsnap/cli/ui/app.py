@@ -37,7 +37,7 @@ from textual.widgets import (
 from textual.widgets.tree import TreeNode as UiNode
 
 from qsnap.cli.render import human_size
-from qsnap.cli.ui.view import bar, format_range, short_date, strip
+from qsnap.cli.ui.view import bar, compact_date, format_range, short_date, strip
 from qsnap.core.errors import QsnapError
 from qsnap.core.models import Snapshot
 from qsnap.service.history import Tree as History
@@ -160,7 +160,7 @@ class SnapshotApp(App[int]):
     TITLE = "qsnap"
     CSS = """
     #main { height: 1fr; }
-    #tree { width: 46; border: round $primary; }
+    #tree { width: 46; border: round $primary; overflow-x: hidden; }
     #side { width: 1fr; }
     #status { height: 1; background: $boost; }
     #progress { height: 1; display: none; }
@@ -197,6 +197,9 @@ class SnapshotApp(App[int]):
         self.messages: list[str] = []  # what the status line said, in order (tests read it)
         self.loaded = False
         self.name_width = 16
+        self.pending_result: str | None = None
+        self.changes_for: tuple[str | None, str | None] | None = None  # what Changes shows (node, mark)
+        self.files_for: tuple[str | None, str | None] | None = None
 
     # -------------------------------------------------------------- layout
 
@@ -258,46 +261,53 @@ class SnapshotApp(App[int]):
                                                         if running else "VM not running")
         tree: Tree[str] = self.query_one("#tree", Tree)
         tree.clear()
-        self.name_width = min(16, max((len(n.snapshot.name) for n in history.nodes.values()), default=4))
+        self.name_width = min(14, max((len(n.snapshot.name) for n in history.nodes.values()), default=4))
         by_key: dict[str, UiNode[str]] = {}
         for _, node in history.walk():
             parent = by_key[node.parent] if node.parent is not None and node.parent in by_key else tree.root
-            ui = parent.add(self.label(node), data=node.key, expand=True, allow_expand=bool(node.children))
+            ui = parent.add(self.label(node), data=node.key, expand=True,
+                            allow_expand=bool(node.children) or node.current)
             by_key[node.key] = ui
+        if history.current in by_key:  # like `qsnap list --tree`: a leaf under the current position
+            by_key[history.current].add_leaf(Text("● you are here", style="bold magenta"), data=None)
         self.selection.marked = history.nodes.get(marked) if marked else None
         self.loaded = True
         count = len(history.nodes)
         self.say(f"{count} snapshot{'s' if count != 1 else ''}. Computing space in the background…"
                  if count else "No snapshots yet: press n to create one.")
         target = by_key.get(keep or "") or (next(iter(by_key.values())) if by_key else None)
+        if self.pending_result and not count:
+            self.say(self.pending_result)
+            self.pending_result = None
         if target is not None:
-            tree.move_cursor(target)
             self.select(history.nodes[str(target.data)])
+            self.call_after_refresh(self._move_cursor, target)
         else:
             self.select(None)
         tree.focus()
         if count:
             self.load_space()
 
+    def _move_cursor(self, target: UiNode[str]) -> None:
+        """After the tree is laid out (earlier, its first line would take the highlight back)."""
+        self.query_one("#tree", Tree).move_cursor(target)
+
     def label(self, node: TreeNode) -> Text:
         snap = node.snapshot
         width = self.name_width
         name = snap.name if len(snap.name) <= width else snap.name[: width - 1] + "…"
-        text = Text(f"{name:<{width}}", style="bold" if node.current else "")
-        text.append(f" {short_date(snap.date)[5:]}", style="dim")
+        marked = self.selection.marked is not None and self.selection.marked.key == node.key
+        style = "yellow" if node.safety else ""
+        text = Text(f"{name:<{width}}", style=style + (" bold" if node.current else "") + (" reverse" if marked
+                                                                                            else ""))
+        text.append(f" {compact_date(snap.date)}", style="dim")
         text.append(" VM" if snap.has_vm_state else "   ", style="cyan")
         exclusive = self.space.get((snap.id, snap.name))
         if self.space:
             top = max(self.space.values()) or 1
-            text.append(f" {bar(exclusive or 0, top, 6)}", style="green")
-        if node.safety:
-            text.append(" safety", style="yellow")
-        if node.current:
-            text.append(" ◀ you are here", style="bold magenta")
-        if self.selection.marked is not None and self.selection.marked.key == node.key:
-            text.append(" [marked]", style="reverse")
+            text.append(f" {bar(exclusive or 0, top, 5)}", style="green")
         if node.description:
-            text.append(f"  {node.description}", style="italic")
+            text.append(f" {node.description}", style="italic dim")
         return text
 
     def relabel(self) -> None:
@@ -333,6 +343,9 @@ class SnapshotApp(App[int]):
         total = sum(values.values())
         self.say(f"{len(values)} snapshots hold {human_size(total)} on their own "
                  "(the bars: what deleting each frees).")
+        if self.pending_result:  # the last action's outcome stays on the status line
+            self.say(self.pending_result)
+            self.pending_result = None
 
     # -------------------------------------------------------------- selection
 
@@ -347,9 +360,25 @@ class SnapshotApp(App[int]):
     def select(self, node: TreeNode | None) -> None:
         self.selection.node = node
         self.show_details()
-        self.load_changes()
+        self.changes_for = self.files_for = None
         self.files_dir = "/"
-        self.load_files()
+        self.load_visible_tab()
+
+    def load_visible_tab(self) -> None:
+        """Diffs and guest listings cost reads: only the visible tab is filled, when it is shown."""
+        node = self.selection.node
+        key = (node.key if node else None, self.selection.marked.key if self.selection.marked else None)
+        active = self.query_one(TabbedContent).active
+        if active == "tab-changes" and self.changes_for != key:
+            self.changes_for = key
+            self.load_changes()
+        elif active == "tab-files" and self.files_for != key:
+            self.files_for = key
+            self.load_files()
+
+    @on(TabbedContent.TabActivated)
+    def tab_shown(self) -> None:
+        self.load_visible_tab()
 
     def show_details(self) -> None:
         node = self.selection.node
@@ -370,7 +399,7 @@ class SnapshotApp(App[int]):
             ("exclusive", human_size(exclusive) + " (freed by deleting it)" if exclusive is not None
              else "computing…"),
             ("safety", "yes (taken before a restore)" if node.safety else "no"),
-            ("current", "yes: the image was last created from / restored to it" if node.current else "no"),
+            ("current", "yes ● you are here (last created / restored)" if node.current else "no"),
         ]
         if self.selection.marked is not None:
             rows.append(("marked", self.selection.marked.snapshot.name + " (Changes compare with it)"))
@@ -435,7 +464,7 @@ class SnapshotApp(App[int]):
         try:
             files = diff_files(self.image, a.name, b.name, "/", a_id=a.id, b_id=b.id)
         except QsnapError as exc:
-            self.call_from_thread(widget.update, Text(f"Files: not readable ({exc})", style="dim"))
+            self.call_from_thread(widget.update, Text(f"Files: not readable: {exc.message}", style="dim"))
             return
         self.call_from_thread(self.show_file_diff, files)
 
@@ -570,7 +599,8 @@ class SnapshotApp(App[int]):
                  f"Marked {node.snapshot.name}: Changes compare the selection with it.")
         self.relabel()
         self.show_details()
-        self.load_changes()
+        self.changes_for = None
+        self.load_visible_tab()
 
     def action_refresh(self) -> None:
         self.refresh_all()
@@ -590,8 +620,9 @@ class SnapshotApp(App[int]):
 
     def action_done(self, message: str) -> None:
         self.query_one("#progress", ProgressBar).remove_class("busy")
-        self.refresh_all()
         self.say(message)
+        self.pending_result = message
+        self.refresh_all()
         self.notify(message, timeout=8)
 
     def action_create(self) -> None:

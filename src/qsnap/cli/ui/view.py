@@ -47,3 +47,14 @@ def short_date(date: object) -> str:
         return "?"
     local = date.astimezone()  # type: ignore[attr-defined]
     return str(local.strftime("%Y-%m-%d %H:%M"))
+
+
+def compact_date(date: object, now: object = None) -> str:
+    """Five cells: the local time for today's snapshots, else month-day (the details show the rest)."""
+    from datetime import datetime
+
+    if not isinstance(date, datetime):
+        return "  ?  "
+    local = date.astimezone()
+    today = (now if isinstance(now, datetime) else datetime.now().astimezone()).date()
+    return local.strftime("%H:%M") if local.date() == today else local.strftime("%m-%d")
