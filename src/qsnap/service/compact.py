@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from qsnap.core.errors import ImageInUse, UsageError, VerificationFailed
+from qsnap.core.errors import CorruptImage, ImageInUse, UsageError, VerificationFailed
 from qsnap.service.snapshots import DEFAULT_CONTEXT, Context
 
 KILL_AT_ENV = "QSNAP_COMPACT_KILL_AT"  # test hook: SIGKILL this process at the named checkpoint
@@ -255,7 +255,11 @@ def _rebuild(
     from qsnap.qcow2.image import open_image
     from qsnap.service.space import account_image
 
-    qemu_img.check(path)  # takes QEMU's write lock: a VM we could not see is exit 8; corruption exit 10
+    checked = qemu_img.check(path)  # takes QEMU's write lock: a VM we could not see is exit 8
+    if checked.corruptions or checked.check_errors:
+        raise CorruptImage(
+            f"qemu-img check found {checked.corruptions} corruptions in {path}: compact copies only a sound image.",
+            hint="qemu-img check -r all on a copy first, or restore the image from a backup")
     found = _findings(path, clean=True)
     partial, work = partial_path(path), workdir_path(path)
     st = os.stat(path)
