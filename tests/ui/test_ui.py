@@ -9,12 +9,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qsnap_testlib import ROOT, qemu_img, qemu_io, run_qsnap
+from qsnap_testlib import ROOT, one_error_line, qemu_img, qemu_io, run_qsnap
 from textual.widgets import DataTable, Input, Static, TabbedContent, Tree
 
 from qsnap.cli.ui.app import Ask, Confirm, SnapshotApp, TextView
@@ -370,7 +371,10 @@ def test_files_changes_view_and_extract(guest_image, tmp_path):
         await settle(app, pilot)
 
     run_app(guest_image, scenario)
-    assert "M /etc/motd" in seen["changes"] and "A /etc/added.txt" in seen["changes"]
+    cli_lines = cli(guest_image, "diff", "s1", "s2", "--files").splitlines()
+    assert "A  /etc/added.txt" in cli_lines and any(line.startswith("M  /etc/motd") for line in cli_lines)
+    for line in cli_lines[:-1]:  # every change line as the CLI prints it (the last line: its summary)
+        assert line in seen["changes"]
     assert {"etc", "home"} <= set(seen["root"])
     assert seen["motd"] == "A new message of the day.\n"
     assert (dest / "motd").read_bytes() == b"A new message of the day.\n"
@@ -405,3 +409,14 @@ def test_screenshot_for_the_readme(history, tmp_path):
             shutil.copyfile(made, Path(os.environ["QSNAP_SCREENSHOT_DIR"]) / made.name)
     if os.environ.get("QSNAP_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(png, ROOT / "docs" / "ui.png")
+
+
+def test_ui_needs_a_terminal_and_other_commands_never_import_textual(history, qsnap_main):
+    result = qsnap_main(["-i", history, "ui"])
+    assert result.rc == 2
+    assert one_error_line(result.err).endswith("qsnap ui needs a terminal (stdin and stdout); "
+                                               "use qsnap list --tree in scripts.")
+    probe = ("import sys; from qsnap.cli.main import main; main(['--help']); "
+             "print('textual' in sys.modules, 'qsnap.cli.ui.app' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stderr.strip() == "False False"

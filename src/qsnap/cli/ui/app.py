@@ -37,7 +37,7 @@ from textual.widgets import (
 from textual.widgets.tree import TreeNode as UiNode
 
 from qsnap.cli.render import human_size
-from qsnap.cli.ui.view import bar, compact_date, format_range, short_date, strip
+from qsnap.cli.ui.view import bar, compact_date, file_change_line, format_range, short_date, strip
 from qsnap.core.errors import QsnapError
 from qsnap.core.models import Snapshot
 from qsnap.service.history import Tree as History
@@ -472,7 +472,7 @@ class SnapshotApp(App[int]):
         self.last_files = files
         text = Text("Files: " + files.summary + "\n", style="bold")
         for change in files.changes:
-            text.append(f"{change.kind[:1].upper()} {change.path}\n")
+            text.append(file_change_line(change) + "\n")
         self.query_one("#file-changes", Static).update(text)
 
     # -------------------------------------------------------------- files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from qsnap.cli.render import human_size
 
@@ -58,3 +59,19 @@ def compact_date(date: object, now: object = None) -> str:
     local = date.astimezone()
     today = (now if isinstance(now, datetime) else datetime.now().astimezone()).date()
     return local.strftime("%H:%M") if local.date() == today else local.strftime("%m-%d")
+
+
+FILE_MARKS = {"added": "A", "removed": "D", "modified": "M", "renamed": "R"}
+
+
+def file_change_line(change: Any) -> str:
+    """One change of a file diff, as `qsnap diff --files` prints it."""
+    if change.kind == "renamed":
+        line = f"R  {change.renamed_from} -> {change.path}"
+    else:
+        line = f"{FILE_MARKS.get(change.kind, '?')}  {change.path}"
+        if change.changes:
+            line += f"  ({', '.join(change.changes)})"
+    if change.type == "dir" and change.kind != "modified":
+        line += "/"
+    return line
