@@ -262,3 +262,25 @@ def test_doctor_and_info_point_to_compact(qsnap_main: Main, tmp_path: Path) -> N
     assert doctor_accounting()["status"] == "ok"
     rc, out, _err = qsnap_main(["-i", image, "info"])
     assert "qsnap compact" not in out
+
+
+def test_compact_keeps_odd_names_ids_and_descriptions(qsnap_main: Main, tmp_path: Path) -> None:
+    """Duplicate names, a name equal to another snapshot's ID, a 255-byte name, IDs with gaps
+    (deleted snapshots), made by other tools; and the sidecar's descriptions."""
+    image = tmp_path / "odd.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(image), "64M")
+    names = ["dup", "gone-1", "dup", "3", "n" * 255, "gone-2", "last"]
+    for k, name in enumerate(names):
+        qemu_io(image, f"write -P {k + 1} {k}M 1M")
+        qemu_img("snapshot", "-c", name, str(image))
+    qemu_img("snapshot", "-d", "gone-1", str(image))
+    qemu_img("snapshot", "-d", "gone-2", str(image))
+    rc, _out, err = qsnap_main(["-i", image, "describe", "last", "the last one"])
+    assert rc == 0, err
+    records = snapshot_records(image)
+    assert [r["id"] for r in records] == ["1", "3", "4", "5", "7"]
+    compact_and_check(qsnap_main, image, tmp_path)
+    rc, out, err = qsnap_main(["-i", image, "list", "--json"])
+    listed = json.loads(out)["snapshots"]
+    assert [(s["id"], s["name"]) for s in listed] == [(r["id"], r["name"]) for r in records]
+    assert listed[-1]["description"] == "the last one"

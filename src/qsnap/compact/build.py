@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,7 +261,7 @@ def _run_steps(
         rb, rt = new_rb, new_rt
     pred.refcount_clusters = rb + rt
     if writer is not None:
-        writer.flush()
+        writer.drain()
         checkpoint("written")
         table.rewrite(writer.path, raws)
         checkpoint("table")
@@ -352,10 +353,13 @@ def _runs(indices: list[int], limit: int) -> Iterator[tuple[int, int]]:
 
 
 def _same(source: Qcow2Image, new: Qcow2Image, a: fmt.SnapshotEntry | None, b: fmt.SnapshotEntry | None,
-          guest: int, n: int, buf_s: bytearray, buf_n: bytearray) -> bool:
-    """Whether N guest bytes at GUEST read the same in both (reused buffers, compared by memcmp)."""
-    source.readinto(guest, memoryview(buf_s)[:n], a, zeroed=False)
+          guest: int, n: int, buf_s: bytearray, buf_n: bytearray, pool: ThreadPoolExecutor) -> bool:
+    """Whether N guest bytes at GUEST read the same in both: the two images are read at once
+    (the source on POOL's thread: each image object is used by one thread at a time), into
+    reused buffers compared by memcmp."""
+    reading = pool.submit(source.readinto, guest, memoryview(buf_s)[:n], a, zeroed=False)
     new.readinto(guest, memoryview(buf_n)[:n], b, zeroed=False)
+    reading.result()
     if n == len(buf_s):
         return buf_s == buf_n
     return buf_s[:n] == buf_n[:n]
@@ -378,12 +382,20 @@ def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None
                 raise VerificationFailed(
                     f"Snapshot {x.name!r} (ID {x.id}): {f} is {getattr(y, f)!r} in the compacted image, "
                     f"{getattr(x, f)!r} in the original.")
+    buf_s, buf_n = bytearray(_VM_CHUNK), bytearray(_VM_CHUNK)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnap-verify") as pool:
+        return _verify_states(source, new, se, ne, buf_s, buf_n, pool, progress)
+
+
+def _verify_states(
+    source: Qcow2Image, new: Qcow2Image, se: tuple[fmt.SnapshotEntry, ...], ne: tuple[fmt.SnapshotEntry, ...],
+    buf_s: bytearray, buf_n: bytearray, pool: ThreadPoolExecutor, progress: Progress | None,
+) -> int:
     cs = source.cluster_size
     span = source.l2_entries * cs
     compared = 0
     prev_s: Layer | None = None
     prev_n: Layer | None = None
-    buf_s, buf_n = bytearray(_VM_CHUNK), bytearray(_VM_CHUNK)
     states: list[tuple[fmt.SnapshotEntry | None, fmt.SnapshotEntry | None]] = [*zip(se, ne, strict=True), (None, None)]
     for k, (a, b) in enumerate(states):
         ls = source.layer(a) if a is not None else source.active
@@ -399,7 +411,7 @@ def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None
             for first, run in _runs(sorted(changed), max(1, _VM_CHUNK // cs)):
                 guest = start + first * cs
                 n = min(run * cs, disk - guest)
-                if not _same(source, new, a, b, guest, n, buf_s, buf_n):
+                if not _same(source, new, a, b, guest, n, buf_s, buf_n, pool):
                     raise VerificationFailed(f"{label}: guest data differs in the range at {guest:#x}.")
                 compared += n
         if a is not None and b is not None and a.vm_state_size:

@@ -47,6 +47,26 @@ class Op:
     # into a buffer the next op reuses: consume (or copy) it before asking for the next op
 
 
+class Distinct:
+    """Counts distinct indices added as ranges in non-decreasing order (a step's ops come in
+    guest order), in constant memory."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = -1
+
+    def update(self, indices: range) -> None:
+        if not indices:
+            return
+        first = max(indices.start, self.last + 1)
+        if indices.stop - 1 >= first:
+            self.count += indices.stop - first
+            self.last = indices.stop - 1
+
+    def __len__(self) -> int:
+        return self.count
+
+
 @dataclass
 class StepStats:
     """What one step (or a whole plan) writes, counted the way qcow2 allocates it."""
@@ -58,8 +78,8 @@ class StepStats:
     vm_state_clusters: int = 0
     vm_state_l2_tables: int = 0
     zero_bytes: int = 0  # source data holding only zeros, written as zero/unmap instead
-    touched_l2: set[int] = field(default_factory=set)
-    touched_clusters: set[int] = field(default_factory=set)
+    touched_l2: Distinct = field(default_factory=lambda: Distinct())
+    touched_clusters: Distinct = field(default_factory=lambda: Distinct())
 
     def add(self, other: StepStats) -> None:
         self.data_clusters += other.data_clusters

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from qsnap.compact.plan import OP_COMPRESSED, OP_DATA, OP_UNMAP, OP_ZERO, Op
@@ -77,6 +78,9 @@ class QemuWriter:
         self._bytes = 0
         self._serial = 0
         self.processes = 0
+        # one qemu-io runs in the background while the next batch is read and staged
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnap-qemu-io")
+        self._running: Future[None] | None = None
 
     def create(self, size: int, options: Sequence[str], backing: tuple[str, str] | None) -> None:
         self.workdir.mkdir(mode=0o700, exist_ok=True)
@@ -140,14 +144,31 @@ class QemuWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Run the queued commands in one qemu-io process; it flushes the image when it exits."""
+        """Start the queued commands in one qemu-io process, in the background (after the
+        previous one finished: one process at a time opens the image)."""
         if not self._commands:
             return
+        self._wait()
         commands, self._commands, self._bytes = self._commands, [], 0
+        files, self._files = self._files, []
+        fds, self._fds = self._fds, []
+        self._running = self._pool.submit(self._run_batch, commands, files, fds)
+
+    def drain(self) -> None:
+        """Run what is queued and wait until every qemu-io has finished."""
+        self.flush()
+        self._wait()
+
+    def _wait(self) -> None:
+        running, self._running = self._running, None
+        if running is not None:
+            running.result()
+
+    def _run_batch(self, commands: list[str], files: list[Path], fds: list[int]) -> None:
         try:
             result = proc.run(qemu_io_argv(self.path, commands), check=False)
         finally:
-            self._release()
+            _release(files, fds)
         self.processes += 1
         # qemu-io exits 0 even when a -c command fails: its error text is the evidence
         said = (result.stdout + result.stderr).strip()
@@ -160,15 +181,15 @@ class QemuWriter:
     # ---------------------------------------------------------------- snapshots
 
     def snapshot_create(self, name: str) -> None:
-        self.flush()
+        self.drain()
         self._img(snapshot_argv(self.path, "-c", name))
 
     def snapshot_apply(self, snapshot_id: str) -> None:
-        self.flush()
+        self.drain()
         self._img(snapshot_argv(self.path, "-a", snapshot_id))
 
     def snapshot_delete(self, name: str) -> None:
-        self.flush()
+        self.drain()
         self._img(snapshot_argv(self.path, "-d", name))
 
     def _img(self, argv: list[str]) -> None:
@@ -180,14 +201,21 @@ class QemuWriter:
             raise qemu_img.translate_error(exc, self.path) from exc
         self.processes += 1
 
-    def _release(self) -> None:
-        for f in self._files:
-            f.unlink(missing_ok=True)
-        self._files.clear()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
-
     def cleanup(self) -> None:
-        self._release()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        """Wait for a running qemu-io (never leave one writing), release everything staged."""
+        try:
+            self._wait()
+        except BaseException:
+            pass
+        finally:
+            self._pool.shutdown(wait=True)
+            _release(self._files, self._fds)
+            self._files, self._fds = [], []
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _release(files: list[Path], fds: list[int]) -> None:
+    for f in files:
+        f.unlink(missing_ok=True)
+    for fd in fds:
+        os.close(fd)
