@@ -85,6 +85,8 @@ def test_rest_server_roundtrip(tmp_path: Path, disk: Path, rest_server: str, res
     rc, _, err = qsnap_main(["-i", restored, "import", target, "--snapshot", "base", "--yes"], environ=restic_env)
     assert rc == 0, err
     assert same_disk(restored, disk, "base", tmp_path)
+    rc, out, err = qsnap_main(["verify", target, "--snapshot", "qsnap-snapshot=base"], environ=restic_env)
+    assert rc == 0 and "is OK" in out, err
 
 
 def test_locked_repository_exits_8_and_changes_nothing(

@@ -158,13 +158,17 @@ class Restic:
         return _Dump(self, snapshot)
 
     def resolve(self, selector: str | None) -> ResticSnapshot:
-        """A qsnap snapshot by restic ID (or its prefix) or by qsnap snapshot name (the newest)."""
+        """A qsnap snapshot by restic ID (or its prefix), by qsnap snapshot name, or by a tag
+        ``qsnap-KEY=VALUE`` (e.g. ``qsnap-date=2026-12-01T10:00:00Z``); the newest that matches."""
         snapshots = self.snapshots()
         if selector is None:
             raise UsageError("Which backup? Pass --snapshot ID_OR_NAME (see qsnap backups list "
                              f"restic:{self.location.repository}).")
         by_id = [s for s in snapshots if s.id.startswith(selector) or s.short_id == selector]
         chosen = by_id or [s for s in snapshots if selector in (s.tags.get("snapshot"), s.file_name)]
+        if not chosen and "=" in selector:
+            key, _, value = selector.partition("=")
+            chosen = [s for s in snapshots if s.tags.get(key.removeprefix("qsnap-")) == value]
         if not chosen:
             raise TargetError(f"No qsnap backup {selector!r} in the restic repository {self.location.repository}.")
         return chosen[-1]
