@@ -9,7 +9,7 @@ import pytest
 
 from qsnap import vm
 from qsnap.core import proc
-from qsnap.core.errors import MonitorError, UsageError
+from qsnap.core.errors import MonitorError, ProgramMissing, UsageError
 from qsnap.vm.qmp import command, qmp_session
 
 from .conftest import no_os_spec
@@ -19,32 +19,69 @@ Launch = Callable[[vm.VMSpec], vm.RunningVM]
 
 def test_compose_argv() -> None:
     assert vm.compose_argv("stop", "hurd-x86_64-qemu") == ["docker", "compose", "stop", "hurd-x86_64-qemu"]
-    assert vm.compose_argv("start", "hurd", "/srv/docker-compose.yml") == [
-        "docker", "compose", "-f", "/srv/docker-compose.yml", "start", "hurd",
+    assert vm.compose_argv("start", "hurd", "/srv/docker-compose.yml", vm.COMPOSE_V1) == [
+        "docker-compose", "-f", "/srv/docker-compose.yml", "start", "hurd",
     ]  # fmt: skip
-    assert vm.compose_argv("is-running", "hurd") == [
-        "docker", "compose", "ps", "--status", "running", "--quiet", "hurd",
+    assert vm.compose_argv("stop", "hurd", None, vm.COMPOSE_V1, timeout=3.0) == [
+        "docker-compose", "stop", "--timeout", "3", "hurd",
     ]  # fmt: skip
+    assert vm.compose_argv("container-id", "hurd") == ["docker", "compose", "ps", "--all", "--quiet", "hurd"]
     with pytest.raises(ValueError):
         vm.compose_argv("rm", "hurd")
 
 
+def test_compose_command_detection() -> None:
+    # Which programs exist is injected (`which`, and a recorder for `docker compose version`):
+    # the real detection against the installed docker-compose runs in tests/docker.
+    def which(*present: str) -> Callable[[str], str | None]:
+        return lambda name: f"/usr/bin/{name}" if name in present else None
+
+    def plugin(rc: int) -> Callable[[Sequence[str]], proc.Result]:
+        return lambda argv: proc.Result(tuple(argv), rc, "", "")
+
+    assert vm.compose_command({}, which=which("docker-compose", "docker")) == ("docker-compose",)
+    assert vm.compose_command({}, which=which("docker"), runner=plugin(0)) == ("docker", "compose")
+    assert vm.compose_command({"QSNAP_COMPOSE": "docker  compose"}, which=which("docker-compose")) == (
+        "docker", "compose")
+    assert vm.compose_command({"QSNAP_COMPOSE": "v1"}, which=which()) == ("docker-compose",)
+    with pytest.raises(UsageError):
+        vm.compose_command({"QSNAP_COMPOSE": "podman-compose"}, which=which("docker-compose"))
+    with pytest.raises(ProgramMissing) as no_plugin:
+        vm.compose_command({}, which=which("docker"), runner=plugin(1))
+    assert no_plugin.value.exit_code == 9 and "apt-get install docker-compose" in str(no_plugin.value)
+    with pytest.raises(ProgramMissing) as nothing:
+        vm.compose_command({}, which=which())
+    assert "apt-get install docker.io docker-compose" in str(nothing.value)
+
+
+INSPECT = """[{"Id": "4f2a9c", "State": {"Status": "running", "ExitCode": 0, "Health": {"Status": "healthy"}},
+ "HostConfig": {"PortBindings": {"9999/tcp": [{"HostIp": "127.0.0.1", "HostPort": "9999"}]}}}]"""
+
+
 def test_compose_controller_runs_docker_compose() -> None:
-    # No docker daemon or images here: the runner is replaced by a recorder, so this checks
-    # which commands qsnap would run and how it reads their output, not docker itself.
+    # No daemon here: the runner is replaced by a recorder, so this checks which commands qsnap
+    # would run and how it reads their output (tests/docker drives a real daemon).
     calls: list[list[str]] = []
 
     def runner(argv: Sequence[str]) -> proc.Result:
         calls.append(list(argv))
-        return proc.Result(tuple(argv), 0, "4f2a9c\n" if "ps" in argv else "", "")
+        out = "4f2a9c\n" if "ps" in argv else INSPECT if "inspect" in argv else ""
+        return proc.Result(tuple(argv), 0, out, "")
 
     controller = vm.controller_for("/img/d.qcow2", "compose:hurd@/srv/compose.yml", runner=runner)
+    assert isinstance(controller, vm.ComposeService)
+    controller._command = vm.COMPOSE_V2
     assert controller.name == "compose:hurd@/srv/compose.yml"
     assert controller.is_running()
+    state = controller.state()
+    assert state is not None and state.health == "healthy" and state.published(9999) == (("127.0.0.1", 9999),)
     controller.stop()
     controller.start()
     assert calls == [
-        ["docker", "compose", "-f", "/srv/compose.yml", "ps", "--status", "running", "--quiet", "hurd"],
+        ["docker", "compose", "-f", "/srv/compose.yml", "ps", "--all", "--quiet", "hurd"],
+        ["docker", "inspect", "--type", "container", "4f2a9c"],
+        ["docker", "compose", "-f", "/srv/compose.yml", "ps", "--all", "--quiet", "hurd"],
+        ["docker", "inspect", "--type", "container", "4f2a9c"],
         ["docker", "compose", "-f", "/srv/compose.yml", "stop", "hurd"],
         ["docker", "compose", "-f", "/srv/compose.yml", "start", "hurd"],
     ]

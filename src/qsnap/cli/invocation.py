@@ -38,7 +38,7 @@ class Invocation:
         timeout = self.env.environ.get("QSNAP_LOCK_TIMEOUT")
         return Context(
             monitor=getattr(self.args, "monitor", None),
-            vm=getattr(self.args, "vm", None),
+            vm=getattr(self.args, "vm", None) or self.env.environ.get("QSNAP_VM") or None,
             lock_timeout=float(timeout) if timeout else None,
             environ=self.env.environ,
             command=shlex.join([self.prog, *self.argv]),

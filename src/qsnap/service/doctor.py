@@ -479,6 +479,69 @@ def _check_exposure(state: _State) -> Check:
     return Check("monitor exposure", OK, "no monitor listens beyond loopback")
 
 
+#: Where the guide's container (docker/entrypoint.sh) has QEMU's HMP monitor.
+CONTAINER_MONITOR_PORT = 9999
+
+
+def _check_container(spec: str, environ: Mapping[str, str]) -> list[Check]:
+    """The compose service of ``--vm compose:SERVICE``: is its container running, and is its
+    monitor port published for the host, on loopback only?"""
+    from qsnap.vm.controllers import ComposeService, parse_compose
+
+    service_name, compose_file = parse_compose(spec)
+    service = ComposeService(service_name, compose_file, environ=environ)
+    try:
+        container = service.state()
+    except QsnapError as exc:
+        return [Check("container", FAIL, f"cannot ask docker about {service.name}: {exc.message}",
+                      exc.hint or "check that docker runs (DOCKER_HOST) and the compose project")]
+    if container is None:
+        return [Check("container", WARN, f"{service.name} has no container (never created, or removed)",
+                      "start it: docker-compose up -d (qsnap works offline meanwhile)")]
+    details: dict[str, Any] = {"id": container.id[:12], "status": container.status, "health": container.health}
+    checks = []
+    if container.running:
+        health = f", {container.health}" if container.health else ""
+        verdict = WARN if container.health == "unhealthy" else OK
+        checks.append(Check("container", verdict, f"{service.name} runs ({container.id[:12]}{health})",
+                            "look at the guest: docker-compose logs; telnet to its serial port"
+                            if verdict == WARN else None, details))
+    else:
+        checks.append(Check("container", WARN, f"{service.name} is stopped ({container.status}, exit code "
+                            f"{container.exit_code}): qsnap works offline with qemu-img until it runs",
+                            "start it: docker-compose up -d (or docker-compose start)", details))
+    bindings = container.published(CONTAINER_MONITOR_PORT)
+    details = {"monitor_bindings": [f"{h}:{p}" for h, p in bindings]}
+    if not bindings:
+        verdict = FAIL if container.running else WARN
+        checks.append(Check("container monitor", verdict, f"the container's monitor port {CONTAINER_MONITOR_PORT} "
+                            "is not published: qsnap on the host cannot reach QEMU (no live snapshots; changes "
+                            "fail with exit 8 while it runs)",
+                            f'publish it for the host only: ports: - "127.0.0.1:{CONTAINER_MONITOR_PORT}:'
+                            f'{CONTAINER_MONITOR_PORT}" (then MONITOR_PORT={CONTAINER_MONITOR_PORT})', details))
+        return checks
+    exposed = [f"{h}:{p} (" + ("every network interface" if h in ("0.0.0.0", "::", "") else
+                                "reachable from the network") + ")"
+               for h, p in bindings if exposure_of(h) is not None]
+    if exposed:
+        checks.append(Check("container monitor", WARN, "the container's monitor is published on "
+                            + ", ".join(exposed) + ": anyone who reaches it can run any QEMU command "
+                            "(migrate exec:...) as the container's root",
+                            f'publish it on loopback only: ports: - "127.0.0.1:PORT:{CONTAINER_MONITOR_PORT}"',
+                            details))
+        return checks
+    ports = sorted({p for _, p in bindings})
+    configured = environ.get("MONITOR_PORT", "").strip()
+    if configured and configured.isdigit() and int(configured) not in ports:
+        checks.append(Check("container monitor", WARN, f"MONITOR_PORT={configured}, but the container's monitor "
+                            f"is published on port {', '.join(map(str, ports))}",
+                            f"export MONITOR_PORT={ports[0]}", details))
+        return checks
+    checks.append(Check("container monitor", OK, "published on " + ", ".join(f"{h}:{p}" for h, p in bindings)
+                        + " (host only)", None, details))
+    return checks
+
+
 def _check_snapshots(state: _State) -> list[Check]:
     info = state.info
     if info is None:
@@ -624,6 +687,8 @@ def doctor(image: str | os.PathLike[str] | None, ctx: Any = None) -> DoctorRepor
         checks.append(_check_vm(state))
         checks.append(_check_monitor(state))
         checks.append(_check_exposure(state))
+        if (getattr(ctx, "vm", None) or "").startswith("compose:"):
+            checks += _check_container(ctx.vm, state.environ)
         checks += _check_snapshots(state)
         checks.append(_check_partials(state))
         checks.append(_check_jobs(state))

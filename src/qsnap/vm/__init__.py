@@ -13,11 +13,15 @@ qemu.qmp is imported lazily (inside the functions that talk to QEMU).
 
 from qsnap.vm.console import CommandResult, ConsoleError, SerialConsole, wait_for_text
 from qsnap.vm.controllers import (
+    COMPOSE_V1,
+    COMPOSE_V2,
     ComposeService,
+    ContainerState,
     Controller,
     NoController,
     QsnapVM,
     compose_argv,
+    compose_command,
     controller_for,
 )
 from qsnap.vm.launch import (
@@ -46,12 +50,15 @@ from qsnap.vm.lifecycle import (
 )
 
 __all__ = [
+    "COMPOSE_V1",
+    "COMPOSE_V2",
     "DEFAULT_MONITOR_PORT",
     "DEFAULT_SERIAL_PORT",
     "DEFAULT_SSH_PORT",
     "CommandResult",
     "ComposeService",
     "ConsoleError",
+    "ContainerState",
     "Controller",
     "NoController",
     "PortBusy",
@@ -64,6 +71,7 @@ __all__ = [
     "VMStatus",
     "choose_accel",
     "compose_argv",
+    "compose_command",
     "controller_for",
     "find_running",
     "is_qemu_process",

@@ -2,19 +2,24 @@
 
 - :class:`QsnapVM`: the VM that ``qsnap vm start`` launched on this image (its run directory);
 - :class:`ComposeService`: a docker compose service (``compose:SERVICE[@FILE]``), the guide's
-  setup, driven with ``docker compose [-f FILE] stop|start SERVICE``;
+  setup, driven with ``docker-compose`` (v1) or ``docker compose`` (v2) ``[-f FILE] stop|start
+  SERVICE``, its container's state read with ``docker inspect``;
 - :class:`NoController`: nobody qsnap can drive; stopping explains what to configure.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from qsnap.core import proc
-from qsnap.core.errors import MonitorError, UsageError
+from qsnap.core.errors import MonitorError, ProgramMissing, UsageError
 from qsnap.vm import lifecycle
 
 Runner = Callable[[Sequence[str]], proc.Result]
@@ -62,40 +67,160 @@ class QsnapVM:
         lifecycle.start(spec)
 
 
-def compose_argv(action: str, service: str, compose_file: str | None = None) -> list[str]:
-    """The ``docker compose`` command for ACTION (stop, start, is-running) on SERVICE (pure)."""
-    argv = ["docker", "compose"]
+#: The two spellings of docker compose: v1 (``docker-compose``, the guide's) and v2 (the plugin).
+COMPOSE_V1: tuple[str, ...] = ("docker-compose",)
+COMPOSE_V2: tuple[str, ...] = ("docker", "compose")
+_COMPOSE_SETTINGS = {"docker-compose": COMPOSE_V1, "v1": COMPOSE_V1, "docker compose": COMPOSE_V2, "v2": COMPOSE_V2}
+
+
+def compose_argv(
+    action: str, service: str, compose_file: str | None = None, command: Sequence[str] = COMPOSE_V2,
+    *, timeout: float | None = None,
+) -> list[str]:  # fmt: skip
+    """The compose command for ACTION (stop, start, container-id) on SERVICE (pure).
+
+    COMMAND is ``("docker-compose",)`` (v1) or ``("docker", "compose")`` (v2): both accept the
+    same arguments for these actions. ``container-id`` lists the service's container, running
+    or not (``ps --all --quiet``); its state is then read with ``docker inspect``.
+    """
+    argv = list(command)
     if compose_file:
         argv += ["-f", compose_file]
-    if action in ("stop", "start"):
-        return [*argv, action, service]
-    if action == "is-running":
-        return [*argv, "ps", "--status", "running", "--quiet", service]
+    if action == "stop":
+        return [*argv, "stop", *(["--timeout", f"{max(1, round(timeout))}"] if timeout is not None else []), service]
+    if action == "start":
+        return [*argv, "start", service]
+    if action == "container-id":
+        return [*argv, "ps", "--all", "--quiet", service]
     raise ValueError(f"unknown compose action {action!r}")
 
 
-class ComposeService:
-    """A docker compose service that runs QEMU (the guide's `docker-compose` setup)."""
+def compose_command(
+    environ: Mapping[str, str] | None = None,
+    *,
+    which: Callable[[str], str | None] = shutil.which,
+    runner: Runner | None = None,
+) -> tuple[str, ...]:
+    """Which compose to run: ``QSNAP_COMPOSE`` (``docker-compose`` / ``v1`` or ``docker compose``
+    / ``v2``), else ``docker-compose`` when it is installed (the guide's spelling), else the
+    ``docker compose`` plugin when ``docker compose version`` works. Neither: exit 9 with the
+    command that installs one."""
+    environ = os.environ if environ is None else environ
+    setting = " ".join(environ.get("QSNAP_COMPOSE", "").split())
+    if setting:
+        if setting not in _COMPOSE_SETTINGS:
+            raise UsageError(f"QSNAP_COMPOSE={setting!r} is neither docker-compose nor 'docker compose'.",
+                             hint="set QSNAP_COMPOSE=docker-compose (v1) or QSNAP_COMPOSE='docker compose' (v2)")
+        return _COMPOSE_SETTINGS[setting]
+    if which("docker-compose"):
+        return COMPOSE_V1
+    if which("docker"):
+        run = runner or (lambda argv: proc.run(argv, check=False, timeout=30))
+        if run([*COMPOSE_V2, "version"]).returncode == 0:
+            return COMPOSE_V2
+        raise ProgramMissing("docker is installed but neither docker-compose nor the docker compose plugin is.",
+                             hint="install it with: apt-get install docker-compose")
+    raise ProgramMissing("Docker is not installed: no docker-compose and no docker on PATH.",
+                         hint="install it with: apt-get install docker.io docker-compose")
 
-    def __init__(self, service: str, compose_file: str | None = None, *, runner: Runner | None = None) -> None:
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What ``docker inspect`` says about a compose service's container."""
+
+    id: str
+    status: str  # created, running, paused, restarting, exited, dead
+    health: str | None  # starting, healthy, unhealthy; None without a healthcheck
+    exit_code: int
+    #: container port ("9999/tcp") -> [(host ip, host port)] as configured (also when stopped)
+    bindings: Mapping[str, tuple[tuple[str, int], ...]]
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "paused", "restarting")
+
+    def published(self, container_port: int) -> tuple[tuple[str, int], ...]:
+        return self.bindings.get(f"{container_port}/tcp", ())
+
+    @classmethod
+    def from_inspect(cls, data: Mapping[str, Any]) -> ContainerState:
+        state = data.get("State") or {}
+        health = state.get("Health") or {}
+        raw = (data.get("HostConfig") or {}).get("PortBindings") or {}
+        bindings: dict[str, tuple[tuple[str, int], ...]] = {}
+        for port, entries in raw.items():
+            bound = []
+            for entry in entries or ():
+                with contextlib.suppress(TypeError, ValueError):
+                    bound.append((str(entry.get("HostIp") or "0.0.0.0"), int(entry.get("HostPort") or 0)))
+            bindings[str(port)] = tuple(bound)
+        return cls(id=str(data.get("Id", "")), status=str(state.get("Status", "unknown")),
+                   health=health.get("Status") or None, exit_code=int(state.get("ExitCode") or 0),
+                   bindings=bindings)
+
+
+class ComposeService:
+    """A docker compose service that runs QEMU (the guide's `docker-compose` setup).
+
+    The compose command (v1 or v2) is chosen on first use (:func:`compose_command`); the
+    project is the one compose itself finds (current directory, ``COMPOSE_FILE``,
+    ``COMPOSE_PROJECT_NAME``) unless FILE names the compose file.
+    """
+
+    def __init__(
+        self, service: str, compose_file: str | None = None, *, runner: Runner | None = None,
+        command: Sequence[str] | None = None, stop_timeout: float | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.service = service
         self.compose_file = compose_file
-        self._run: Runner = runner or (lambda argv: proc.run(argv, timeout=180))
+        self.stop_timeout = stop_timeout
+        self._environ = environ
+        self._run: Runner = runner or (lambda argv: proc.run(argv, timeout=300))
+        self._command = tuple(command) if command is not None else None
 
     @property
     def name(self) -> str:
         suffix = f"@{self.compose_file}" if self.compose_file else ""
         return f"compose:{self.service}{suffix}"
 
+    @property
+    def command(self) -> tuple[str, ...]:
+        if self._command is None:
+            self._command = compose_command(self._environ, runner=self._run)
+        return self._command
+
+    def _argv(self, action: str, **kwargs: Any) -> list[str]:
+        return compose_argv(action, self.service, self.compose_file, self.command, **kwargs)
+
+    def container_id(self) -> str | None:
+        """The service's container (running or stopped), None when compose has none."""
+        ids = self._run(self._argv("container-id")).stdout.split()
+        return ids[0] if ids else None
+
+    def state(self) -> ContainerState | None:
+        """The container's state, ports and health (``docker inspect``); None: no container."""
+        container = self.container_id()
+        return None if container is None else self.inspect(container)
+
+    def inspect(self, container: str) -> ContainerState:
+        """The state of CONTAINER (an id from :meth:`container_id`), without asking compose."""
+        result = self._run(["docker", "inspect", "--type", "container", container])
+        try:
+            data = json.loads(result.stdout)[0]
+        except (ValueError, IndexError, TypeError) as exc:
+            raise MonitorError(f"docker inspect {container} answered something that is not JSON.") from exc
+        return ContainerState.from_inspect(data)
+
     def is_running(self) -> bool:
-        result = self._run(compose_argv("is-running", self.service, self.compose_file))
-        return bool(result.stdout.strip())
+        state = self.state()
+        return state is not None and state.running
 
     def stop(self) -> None:
-        self._run(compose_argv("stop", self.service, self.compose_file))
+        self._run(self._argv("stop", timeout=self.stop_timeout))
 
     def start(self) -> None:
-        self._run(compose_argv("start", self.service, self.compose_file))
+        self._run(self._argv("start"))
 
 
 class NoController:
@@ -135,24 +260,26 @@ def controller_for(
     spec: str | None = None,
     *,
     runner: Runner | None = None,
-    stop_timeout: float = 30.0,
+    stop_timeout: float | None = None,
 ) -> Controller:
     """The controller for IMAGE's VM.
 
     SPEC: None or "auto" (qsnap's VM if qsnap ever started one on this image, else none),
-    "qsnap", "none", or "compose:SERVICE[@FILE]". STOP_TIMEOUT: how long qsnap's VM gets
-    to power down (ACPI) before it is told to quit.
+    "qsnap", "none", or "compose:SERVICE[@FILE]". STOP_TIMEOUT: how long the VM gets to power
+    down (ACPI) before it is told to quit (qsnap's VM) or killed (compose); None: 30 s for
+    qsnap's VM, the compose file's ``stop_grace_period`` for a service.
     """
     image = Path(image)
+    qsnap_timeout = 30.0 if stop_timeout is None else stop_timeout
     if spec is None or spec == "auto":
         if lifecycle.find_running(image) is not None or lifecycle.recorded_spec(image) is not None:
-            return QsnapVM(image, stop_timeout=stop_timeout)
+            return QsnapVM(image, stop_timeout=qsnap_timeout)
         return NoController()
     if spec == "qsnap":
-        return QsnapVM(image, stop_timeout=stop_timeout)
+        return QsnapVM(image, stop_timeout=qsnap_timeout)
     if spec == "none":
         return NoController()
     if spec.startswith("compose:"):
         service, compose_file = parse_compose(spec)
-        return ComposeService(service, compose_file, runner=runner)
+        return ComposeService(service, compose_file, runner=runner, stop_timeout=stop_timeout)
     raise UsageError(f"Unknown VM controller {spec!r}.", hint="use qsnap, none, or compose:SERVICE[@FILE]")

@@ -40,6 +40,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = vm_sub.add_parser("status", help="running, paused or stopped; engine and ports")
     add_common(p, json=True)
     p.set_defaults(handler=cmd_status)
+
+    p = vm_sub.add_parser("wait", help="wait until the guest is ready (instead of a fixed sleep)")
+    add_common(p, json=True)
+    p.add_argument("--ssh", action="store_true", help="ready when the guest's SSH server sends its banner")
+    p.add_argument("--serial", metavar="PATTERN", help="ready when the serial console prints PATTERN (a regex)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds (default 300)")
+    p.add_argument("--host", default="127.0.0.1", help="where the ports are (default 127.0.0.1)")
+    p.add_argument("--ssh-port", type=int, help="SSH port (default: the VM's, QSNAP_SSH's, else 2222)")
+    p.add_argument("--serial-port", type=int, help="telnet serial console port (default: the VM's, else 5555)")
+    p.add_argument("--serial-log", metavar="FILE", help="read the serial console from this log file")
+    p.set_defaults(handler=cmd_wait)
     vm.set_defaults(handler=lambda inv: _vm_help(vm, inv))
 
 
@@ -108,4 +119,20 @@ def cmd_status(inv: Invocation) -> int:
         inv.out(f"  pid {status.pid}, {status.accel}, engine: qmp at {status.qmp_socket}")
         ports = {"ssh": status.ssh_port, "serial": status.serial_port, "monitor": status.monitor_port}
         inv.out("  ports: " + ", ".join(f"{k} {v}" for k, v in ports.items() if v))
+    return 0
+
+
+def cmd_wait(inv: Invocation) -> int:
+    from qsnap.service.readiness import wait_for_vm
+
+    args = inv.args
+    result = wait_for_vm(
+        inv.context(), image=inv.image, ssh=args.ssh, serial=args.serial,
+        timeout=args.timeout, host=args.host, ssh_port=args.ssh_port, serial_port=args.serial_port,
+        serial_log=args.serial_log,
+    )  # fmt: skip
+    if inv.json:
+        inv.emit_json(result.to_json())
+        return 0
+    inv.out(f"VM ready after {result.seconds:.1f} s: {result.how}.")
     return 0
