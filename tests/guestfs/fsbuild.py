@@ -331,3 +331,32 @@ def host_tree(root: Path) -> dict[str, HostEntry]:
             tree[rel] = HostEntry(kind, stat.S_IMODE(st.st_mode), st.st_size if kind != "dir" else None, digest,
                                   target, st.st_ino, st.st_blocks)
     return tree
+
+
+def dir_blocks(image: Path, guest_dir: str) -> list[int]:
+    """The physical blocks of a (small, linear) directory, from debugfs ``blocks``."""
+    return [int(b) for b in debugfs_r(image, f'blocks "{guest_dir}"').split()]
+
+
+def patch_dirent_name(image: Path, guest_dir: str, old: bytes, new: bytes) -> None:
+    """Rename the entry OLD of GUEST_DIR to NEW (same length) by rewriting the name bytes in the
+    directory block: what no tool would write ('/', NUL, a duplicate name...). Only for
+    filesystems without metadata checksums (the block's checksum is not updated)."""
+    assert len(old) == len(new)
+    bs = fs_block_size(image)
+    with open(image, "r+b") as f:
+        for block in dir_blocks(image, guest_dir):
+            f.seek(block * bs)
+            data = f.read(bs)
+            pos = 0
+            while pos + 8 <= bs:  # walk the entries: inode(4) rec_len(2) name_len(1) type(1) name
+                rec_len = int.from_bytes(data[pos + 4:pos + 6], "little")
+                name_len = data[pos + 6]
+                if data[pos + 8:pos + 8 + name_len] == old and name_len == len(old):
+                    f.seek(block * bs + pos + 8)
+                    f.write(new)
+                    return
+                if rec_len < 8:
+                    break
+                pos += rec_len
+    raise AssertionError(f"no entry {old!r} in {guest_dir}")
