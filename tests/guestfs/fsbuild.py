@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import stat
+import struct
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -360,3 +361,19 @@ def patch_dirent_name(image: Path, guest_dir: str, old: bytes, new: bytes) -> No
                     break
                 pos += rec_len
     raise AssertionError(f"no entry {old!r} in {guest_dir}")
+
+
+def _free_block(fs: Path) -> int:
+    out = debugfs_r(fs, "ffb 1 2000")
+    return int(out.split("Free blocks found:")[1].split()[0])
+
+
+def set_translator(fs: Path, guest_path: str, argz: bytes) -> None:
+    """A GNU/Hurd passive translator on GUEST_PATH: its block holds a 2-byte little-endian length
+    then the argz vector (NUL-separated arguments), as the Hurd's ext2fs writes it."""
+    block = _free_block(fs)
+    debugfs_w(fs, [f"sif {guest_path} translator {block}", f"setb {block}"])
+    bs = fs_block_size(fs)
+    with open(fs, "r+b") as f:
+        f.seek(block * bs)
+        f.write((struct.pack("<H", len(argz)) + argz).ljust(bs, b"\0"))

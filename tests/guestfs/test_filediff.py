@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from qsnap_testlib import Run, one_error_line, qemu_io
 from .fsbuild import (
     VARIANTS,
     Layout,
-    debugfs_r,
     debugfs_tree,
     debugfs_w,
     fill_tree,
@@ -36,6 +34,7 @@ from .fsbuild import (
     mkfs,
     put_fs,
     rdump,
+    set_translator,
     sh,
     to_qcow2,
     update_qcow2,
@@ -57,22 +56,6 @@ class Scenario:
     fs_a: Path  # the filesystem of s1
     fs_b: Path  # of s2 (= s3)
     fs_c: Path  # of s4
-
-
-def _free_block(fs: Path) -> int:
-    out = debugfs_r(fs, "ffb 1 2000")
-    return int(out.split("Free blocks found:")[1].split()[0])
-
-
-def set_translator(fs: Path, guest_path: str, argz: bytes) -> None:
-    """A GNU/Hurd passive translator on GUEST_PATH: its block holds a 2-byte little-endian length
-    then the argz vector (NUL-separated arguments), as the Hurd's ext2fs writes it."""
-    block = _free_block(fs)
-    debugfs_w(fs, [f"sif {guest_path} translator {block}", f"setb {block}"])
-    bs = fs_block_size(fs)
-    with open(fs, "r+b") as f:
-        f.seek(block * bs)
-        f.write((struct.pack("<H", len(argz)) + argz).ljust(bs, b"\0"))
 
 
 def poke(fs: Path, guest_path: str, offset: int, data: bytes) -> None:
