@@ -23,7 +23,7 @@ def run_killed_at(image: Path, point: str) -> int:
     return done.returncode
 
 
-@pytest.mark.parametrize("point", ["snapshot-2", "table", "verified",
+@pytest.mark.parametrize("point", ["snapshot-2", "verified",
                                    "linked", "swapped"])
 def test_kill_9_leaves_the_old_or_the_new_image(qsnap_main: object, tmp_path: Path, point: str) -> None:
     image = history(tmp_path / "disk.qcow2")

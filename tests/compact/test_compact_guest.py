@@ -13,8 +13,8 @@ from qsnap_testlib import Run, qsnap_main
 from guest.fixtures import Guest, GuestFactory, start_guest
 
 
-def qsnap_ok(*args: object) -> str:
-    r: Run = qsnap_main([str(a) for a in args])
+def qsnap_ok(*args: object, environ: dict[str, str] | None = None) -> str:
+    r: Run = qsnap_main([str(a) for a in args], environ=environ)
     assert r.rc == 0, f"qsnap {args} exited {r.rc}: {r.out}{r.err}"
     return r.out
 
@@ -57,3 +57,18 @@ def test_compacted_live_snapshot_of_the_real_guest_runs_on(guest_factory: GuestF
         assert restored.read_file("/mnt/after.txt") == "runs-on"
     finally:
         restored.kill()
+
+
+def test_compact_stops_and_restarts_the_qsnap_vm(guest_factory: GuestFactory) -> None:
+    """The image's VM was started by qsnap (`qsnap vm start`, here through qsnap.vm): compact stops
+    it through its controller, compacts, starts it again; the guest boots from the new image."""
+    guest = guest_factory(cold=True)
+    image = guest.image
+    first_pid = guest.pid
+    guest.write_file("/mnt/state.txt", "kept")
+    # the test guest ignores ACPI power-down: 2 s to stop, then QEMU is told to quit
+    out = qsnap_ok("-i", image, "compact", environ={"QSNAP_STOP_TIMEOUT": "2"})
+    assert "The VM was stopped (qsnap) for the compaction and started again." in out
+    guest.reattach()  # a cold boot of the compacted disk
+    assert guest.pid != first_pid
+    assert guest.read_file("/mnt/state.txt") == "kept"

@@ -163,8 +163,8 @@ def _vm_state_runs(image: Qcow2Image, entry: fmt.SnapshotEntry) -> Iterator[tupl
         run = -1
         zeros = bytes(cs)
         for c in range(0, n, cs):
-            piece = view[c : c + cs]
-            if piece == zeros[: len(piece)]:
+            piece = view[c : c + cs].tobytes()  # bytes == bytes is a memcmp; a memoryview compares
+            if piece == zeros[: len(piece)]:     # item by item, 50 times slower
                 if run >= 0:
                     yield pos + run, bytes(view[run:c])
                     run = -1

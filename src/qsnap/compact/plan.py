@@ -239,7 +239,8 @@ class Planner:
 
         while pos < end:
             n = min(g - (pos % g), end - pos)
-            piece = view[pos - op.offset : pos - op.offset + n]
+            # bytes == bytes is a memcmp; comparing a memoryview goes item by item, 50 times slower
+            piece = view[pos - op.offset : pos - op.offset + n].tobytes()
             if zero_op is not None and piece == zeros[:n]:
                 kind = zero_op
                 stats.zero_bytes += n

@@ -30,6 +30,7 @@ from qsnap.service.snapshots import DEFAULT_CONTEXT, Context
 
 KILL_AT_ENV = "QSNAP_COMPACT_KILL_AT"  # test hook: SIGKILL this process at the named checkpoint
 STAGING = (64 + 4) << 20  # qemu-io staging files at most (compact.writer.BATCH_BYTES + one command)
+STOP_TIMEOUT_ENV = "QSNAP_STOP_TIMEOUT"
 RECOMMEND_RATIO = 0.10  # doctor and info point to compact above this share of the file
 
 
@@ -215,7 +216,7 @@ def _compact(
         check_writable(path)
         controller: Any = None
         if image_held(path):
-            controller = controller_for(path, ctx.vm)
+            controller = controller_for(path, ctx.vm, stop_timeout=_stop_timeout(ctx))
             if isinstance(controller, NoController) or not controller.is_running():
                 raise ImageInUse(
                     f"{path} is in use by a running VM; compact must rewrite the whole file.",
@@ -237,6 +238,15 @@ def _compact(
         rec.details.update(file_size=report.file_size, new_size=report.new_size,
                            kept_old=str(report.kept_old) if report.kept_old else None)
         return report
+
+
+def _stop_timeout(ctx: Context) -> float:
+    """Seconds a VM qsnap launched gets to power down before it is told to quit
+    (QSNAP_STOP_TIMEOUT, default 30)."""
+    try:
+        return max(0.0, float(ctx.env().get(STOP_TIMEOUT_ENV, "30")))
+    except ValueError:
+        raise UsageError(f"{STOP_TIMEOUT_ENV} must be a number of seconds.") from None
 
 
 def _with(report: CompactReport, **changes: Any) -> CompactReport:
