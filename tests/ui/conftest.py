@@ -68,3 +68,7 @@ def shell(program: str) -> str:
 
 def qsnap_bin() -> Path:
     return QSNAP
+
+
+# A real QEMU with a QMP monitor for the running-VM test: the routing tests' fixture (stopped by PID).
+from routing.conftest import sockdir, start_vm  # noqa: E402, F401

@@ -63,8 +63,8 @@ def make_history(tmp_path: Path) -> Path:
 
 
 def run_app(image: Path, scenario: Callable[[SnapshotApp, Any], Coroutine[Any, Any, None]],
-            size: tuple[int, int] = (80, 24)) -> SnapshotApp:
-    app = SnapshotApp(image, Context(command="qsnap ui"))
+            size: tuple[int, int] = (80, 24), ctx: Context | None = None) -> SnapshotApp:
+    app = SnapshotApp(image, ctx or Context(command="qsnap ui"))
 
     async def main() -> None:
         async with app.run_test(size=size) as pilot:
@@ -420,3 +420,43 @@ def test_ui_needs_a_terminal_and_other_commands_never_import_textual(history, qs
              "print('textual' in sys.modules, 'qsnap.cli.ui.app' in sys.modules, file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stderr.strip() == "False False"
+
+
+@pytest.mark.vm
+def test_a_running_vm_is_shown_and_reached_through_its_monitor(start_vm):
+    vm = start_vm("qmp")
+    image = vm.drives[0]
+    vm.write_pattern(0x11)
+    seen: dict[str, Any] = {}
+
+    async def scenario(app: SnapshotApp, pilot: Any) -> None:
+        seen["title"] = app.title
+        await pilot.press("n")
+        await pilot.pause()
+        app.screen.query_one(Input).value = "live-1.0"
+        await pilot.press("enter")
+        await pilot.pause()
+        await pilot.press("enter")  # no description
+        await settle(app, pilot)
+        seen["created"] = app.pending_result or app.messages[-1]
+        assert "via qmp" in seen["created"], app.messages
+        await asyncio.to_thread(vm.write_pattern, 0x22)  # the side channel runs its own event loop
+        await select(app, pilot, "live-1.0")
+        await pilot.press("r")
+        await pilot.pause()
+        assert isinstance(app.screen, Confirm)
+        seen["question"] = app.screen.question
+        await pilot.click("#yes")
+        await settle(app, pilot)
+        seen["restored"] = app.messages[-1]
+
+    run_app(image, scenario, ctx=Context(monitor=vm.address, command="qsnap ui"))
+    assert "VM RUNNING" in seen["title"]
+    assert "via qmp" in seen["created"], seen
+    assert "The VM is running: its monitor does the restore." in seen["question"]
+    assert "restored via qmp" in seen["restored"], seen
+    assert vm.has_pattern(0x11) and vm.status() == "running"
+    names = vm.names()
+    assert names[0] == "live-1.0" and len(names) == 2 and SAFETY.fullmatch(names[1])
+    engines = [(r["operation"], r["engine"]) for r in _normalized_audit(image)]
+    assert engines == [("create", "qmp"), ("restore", "qmp")]

@@ -127,8 +127,9 @@ def build_tree(image: str | os.PathLike[str], ctx: Any = None) -> Tree:
 
     ctx = ctx or svc.DEFAULT_CONTEXT
     path = check_image_file(Path(image).absolute())
-    engine = svc.select_engine(path, ctx, write=False)
-    return tree_from(path, engine.list_snapshots(), Sidecar.load(path))
+    with svc.open_engine(path, ctx, write=False) as engine:  # a monitor connection is closed after
+        snapshots = engine.list_snapshots()
+    return tree_from(path, snapshots, Sidecar.load(path))
 
 
 def reparent_children(sidecar: Sidecar, removed: Iterable[Snapshot]) -> None:
@@ -203,9 +204,9 @@ def describe(
     label = name or f"ID {snapshot_id}"
     with image_lock(path, f"describe {label}", ctx.lock_timeout), \
             audit.recorded(path, "describe", name) as rec:
-        engine = svc.select_engine(path, ctx, write=False)
-        rec.engine = engine.name
-        snapshots = engine.list_snapshots()
+        with svc.open_engine(path, ctx, write=False) as engine:  # closed: a long-lived caller (qsnap ui)
+            rec.engine = engine.name                              # must not keep the VM's monitor
+            snapshots = engine.list_snapshots()
         target = resolve_snapshot(snapshots, name, snapshot_id)
         rec.snapshot = target.name
         rec.details["snapshot_id"] = target.id

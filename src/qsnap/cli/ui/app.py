@@ -198,6 +198,7 @@ class SnapshotApp(App[int]):
         self.loaded = False
         self.name_width = 16
         self.pending_result: str | None = None
+        self.diff_pair: tuple[str, str] | None = None  # (base key, selected key) Changes is computing
         self.changes_for: tuple[str | None, str | None] | None = None  # what Changes shows (node, mark)
         self.files_for: tuple[str | None, str | None] | None = None
 
@@ -228,6 +229,26 @@ class SnapshotApp(App[int]):
         self.sub_title = str(self.image)
         table = self.query_one("#files", DataTable)
         table.add_columns("name", "type", "size")
+        self.call_after_refresh(self.preload_then_load)
+
+    def preload_then_load(self) -> None:
+        """Import, on this (the main) thread, what the workers will use, before any worker starts.
+
+        Importing runs compile() for dataclasses and named tuples; CPython 3.11 can fail with
+        "AST constructor recursion depth mismatch" when two threads compile at once, so no worker
+        may be the first to import a module another thread is importing too."""
+        import importlib
+
+        from qsnap.service.image import image_held
+
+        modules = ["qsnap.service.inspection", "qsnap.service.space", "qsnap.service.diff",
+                   "qsnap.service.filediff", "qsnap.service.guestfiles", "qsnap.service.audit",
+                   "qsnap.service.lock", "qsnap.service.routing", "qsnap.service.backups", "qsnap.backup",
+                   "qsnap.engines.qemu_img"]
+        if self.ctx.monitor or image_held(self.image):  # a running VM: the monitor stack too
+            modules += ["qsnap.engines.monitor", "qsnap.monitor", "qsnap.vm"]
+        for name in modules:
+            importlib.import_module(name)
         self.refresh_all()
 
     def say(self, text: str) -> None:
@@ -422,6 +443,7 @@ class SnapshotApp(App[int]):
         changes = self.query_one("#changes", Static)
         self.query_one("#file-changes", Static).update("")
         self.last_diff = self.last_files = None
+        self.diff_pair = None
         if node is None:
             changes.update("")
             return
@@ -430,19 +452,38 @@ class SnapshotApp(App[int]):
             changes.update(Text(f"{node.snapshot.name} has no parent; mark another snapshot (m) to compare."))
             return
         changes.update(Text(f"Comparing {base.snapshot.name} → {node.snapshot.name}…"))
-        self.compute_diff(base.snapshot, node.snapshot)
+        self.diff_pair = (base.key, node.key)
+        self.compute_diff(base.snapshot, node.snapshot, self.diff_pair)
 
     @work(thread=True, exclusive=True, group="diff")
-    def compute_diff(self, a: Snapshot, b: Snapshot) -> None:
+    def compute_diff(self, a: Snapshot, b: Snapshot, pair: tuple[str, str]) -> None:
+        """Block ranges, then (slower) the file-level diff. A result for a pair that is no longer
+        selected (the user moved on while it ran) is dropped."""
+        from qsnap.service.filediff import diff_files
         from qsnap.service.inspection import diff
 
         try:
             report = diff(self.image, a.name, b.name, a_id=a.id, b_id=b.id)
         except QsnapError as exc:
-            self.call_from_thread(self.query_one("#changes", Static).update, Text(f"diff: {exc}"))
+            self.call_from_thread(self.if_current, pair, self.show_changes_text, "#changes", Text(f"diff: {exc}"))
             return
-        self.call_from_thread(self.show_diff, report)
-        self.compute_file_diff(a, b)
+        self.call_from_thread(self.if_current, pair, self.show_diff, report)
+        self.call_from_thread(self.if_current, pair, self.show_changes_text, "#file-changes",
+                              Text("Files: reading the guest filesystems…", style="dim"))
+        try:
+            files = diff_files(self.image, a.name, b.name, "/", a_id=a.id, b_id=b.id)
+        except QsnapError as exc:
+            self.call_from_thread(self.if_current, pair, self.show_changes_text, "#file-changes",
+                                  Text(f"Files: not readable: {exc.message}", style="dim"))
+            return
+        self.call_from_thread(self.if_current, pair, self.show_file_diff, files)
+
+    def if_current(self, pair: tuple[str, str], show: Any, *args: Any) -> None:
+        if pair == self.diff_pair:
+            show(*args)
+
+    def show_changes_text(self, selector: str, text: Text) -> None:
+        self.query_one(selector, Static).update(text)
 
     def show_diff(self, report: Any) -> None:
         self.last_diff = report
@@ -455,18 +496,6 @@ class SnapshotApp(App[int]):
         for offset, length in report.ranges:
             text.append(format_range(offset, length) + "\n")
         self.query_one("#changes", Static).update(text)
-
-    def compute_file_diff(self, a: Snapshot, b: Snapshot) -> None:
-        from qsnap.service.filediff import diff_files
-
-        widget = self.query_one("#file-changes", Static)
-        self.call_from_thread(widget.update, Text("Files: reading the guest filesystems…", style="dim"))
-        try:
-            files = diff_files(self.image, a.name, b.name, "/", a_id=a.id, b_id=b.id)
-        except QsnapError as exc:
-            self.call_from_thread(widget.update, Text(f"Files: not readable: {exc.message}", style="dim"))
-            return
-        self.call_from_thread(self.show_file_diff, files)
 
     def show_file_diff(self, files: Any) -> None:
         self.last_files = files
@@ -496,10 +525,14 @@ class SnapshotApp(App[int]):
             with state:
                 entries = list(guestfiles.list_dir(state, directory))
         except QsnapError as exc:
-            self.call_from_thread(self.query_one("#files-path", Label).update,
-                                  Text(f"{snap.name}: no readable guest filesystem ({exc})"))
+            self.call_from_thread(self.show_files_error, snap, f"{snap.name}: not readable: {exc.message}")
             return
         self.call_from_thread(self.show_files, snap, directory, entries)
+
+    def show_files_error(self, snap: Snapshot, message: str) -> None:
+        node = self.selection.node
+        if node is not None and node.snapshot == snap:
+            self.query_one("#files-path", Label).update(Text(message))
 
     def show_files(self, snap: Snapshot, directory: str, entries: list[Any]) -> None:
         node = self.selection.node
