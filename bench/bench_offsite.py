@@ -97,6 +97,24 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process PID (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def qsnap_run(*args: str) -> tuple[float, float, float]:
+    """Run qsnap ARGS: (wall seconds, peak RSS MiB, CPU seconds of it and its children)."""
+    os.sync()
+    started = time.perf_counter()
+    child = subprocess.Popen([str(VENV_BIN / "qsnap"), *args], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"qsnap {' '.join(args)} failed")
+    return elapsed, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+
+
 class Link:
     """A TCP relay to 127.0.0.1:PORT carrying at most RATE bytes/s each way (a network link);
     RATE None relays at full speed."""
@@ -154,8 +172,9 @@ def run_s3(work: Path, image: Path) -> None:
 
         boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="bench")
         local = work / "local.qcow2.zst"
-        t_local, rss_local = run_qsnap("-i", str(image), "backup", "bench", str(local))
-        print(f"local backup: {t_local:.2f}s, {local.stat().st_size / 2**20:.1f} MiB [max RSS {rss_local:.0f} MiB]")
+        t_local, rss_local, cpu_local = qsnap_run("-i", str(image), "backup", "bench", str(local))
+        print(f"local backup: {t_local:.2f}s, {local.stat().st_size / 2**20:.1f} MiB, {cpu_local:.1f} CPU-s "
+              f"[max RSS {rss_local:.0f} MiB]")
         mbps = float(os.environ.get("BENCH_LINK_MBPS", "25"))
         port = int(url.rsplit(":", 1)[1])
         for label, rate in (("127.0.0.1, no limit", None), (f"a {mbps:g} MB/s link", mbps * 1e6)):
@@ -163,16 +182,23 @@ def run_s3(work: Path, image: Path) -> None:
             os.environ["AWS_ENDPOINT_URL"] = link.url
             s3 = boto3.client("s3", endpoint_url=link.url, region_name="us-east-1")
             try:
+                moto_before, self_before = cpu_of(moto.pid), cpu_of(os.getpid())
                 t_upload = timed(lambda s3=s3: s3.upload_file(str(local), "bench", "uploaded.qcow2.zst",
                                                               Config=TransferConfig(max_concurrency=10)))
+                cpu_upload = cpu_of(moto.pid) - moto_before + cpu_of(os.getpid()) - self_before
                 baseline = t_local + t_upload
-                t_stream, rss_stream = run_qsnap("-i", str(image), "backup", "bench", "s3://bench/streamed.qcow2.zst",
-                                                 "--force")
+                moto_before, self_before = cpu_of(moto.pid), cpu_of(os.getpid())
+                t_stream, rss_stream, cpu_stream = qsnap_run(
+                    "-i", str(image), "backup", "bench", "s3://bench/streamed.qcow2.zst", "--force")
+                cpu_stream += cpu_of(moto.pid) - moto_before + cpu_of(os.getpid()) - self_before
                 ratio = t_stream / baseline
                 print(f"S3 over {label}: baseline local backup {t_local:.2f}s + boto3 upload_file {t_upload:.2f}s "
                       f"= {baseline:.2f}s; streamed backup {t_stream:.2f}s = {ratio:.2f}x (goal <= 0.6x: "
                       f"{verdict(ratio <= 0.6)}); peak memory {rss_stream:.0f} MiB (goal < 300: "
                       f"{verdict(rss_stream < 300)})")
+                print(f"   CPU-seconds (qsnap + moto + relay): streamed {cpu_stream:.1f} vs baseline "
+                      f"{cpu_local + cpu_upload:.1f} = {cpu_stream / (cpu_local + cpu_upload):.2f}x; "
+                      f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
                 t_verify, rss_verify = run_qsnap("verify", "s3://bench/streamed.qcow2.zst")
                 print(f"   verify s3://... (ranged parallel GETs): {t_verify:.2f}s [max RSS {rss_verify:.0f} MiB]")
             finally:
