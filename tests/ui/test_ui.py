@@ -231,6 +231,12 @@ def test_restore_from_the_ui_is_the_cli_restore(history, tmp_path):
         await settle(app, pilot)
         seen["message"] = app.messages[-1]
         seen["nodes"] = ui_tree(app)
+        await pilot.press("u")  # undo offers the safety snapshot (answered no: the comparison below)
+        await pilot.pause()
+        assert isinstance(app.screen, Confirm) and app.last_undo is not None
+        assert f"snapshot {app.last_undo.name!r}" in app.screen.question
+        await pilot.press("n")
+        await settle(app, pilot)
 
     app = run_app(by_ui, scenario)
     assert "kept as a safety snapshot" in seen["question"]
