@@ -104,6 +104,21 @@ def test_bash_completes_snapshot_names_from_the_image(scripts, env, named_image)
     })
 
 
+def test_bash_without_colon_in_its_word_breaks_gets_whole_words(scripts, env, named_image):
+    """Users who take ':' out of COMP_WORDBREAKS (a common tip) complete whole SNAP:PATH words."""
+    script = f"""
+source {scripts['bash']}
+COMP_WORDBREAKS=${{COMP_WORDBREAKS//:}}
+COMP_LINE='qsnap -i disk.qcow2 delete x:'
+COMP_POINT=${{#COMP_LINE}}
+_qsnap_complete qsnap
+printf '%s\\n' "${{COMPREPLY[@]}}"
+"""
+    result = subprocess.run([shell("bash"), "--norc", "--noprofile", "-c", script], env=env, cwd=named_image.parent,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["x:y"], result.stderr
+
+
 def test_bash_image_choice_follows_the_environment(scripts, env, named_image, tmp_path):
     for variable in ("QCOW2_IMAGE", "IMAGE_PATH"):
         assert bash_complete(scripts, {**env, variable: str(named_image)}, "qsnap restore d", tmp_path) == [

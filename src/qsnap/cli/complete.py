@@ -442,16 +442,17 @@ def _value(out: Candidates, kind: str, cur: str, image: Any, cwd: str) -> None:
 
 # ------------------------------------------------------------------ output for each shell
 
-def render(shell: str, cur: str, items: list[tuple[str, str]]) -> str:
-    """One candidate a line. bash replaces only the text after the last ':' or '=' (its word
-    breaks), so that prefix is cut off; fish shows 'word<TAB>description'. A first line
-    ``nospace`` tells bash and zsh not to add a space (a directory or ``SNAP:`` goes on)."""
+def render(shell: str, cur: str, items: list[tuple[str, str]], wordbreaks: str = ":=") -> str:
+    """One candidate a line. bash replaces only the text after the last of its word breaks
+    (``COMP_WORDBREAKS``: ':' and '=' by default), so that prefix is cut off; fish shows
+    'word<TAB>description'. A first line ``nospace`` tells bash not to add a space (a directory
+    or ``SNAP:`` goes on)."""
     lines: list[str] = []
     if any(w.endswith(("/", ":")) for w, _ in items):
         lines.append("nospace")
     else:
         lines.append("space")
-    cut = max(cur.rfind(":"), cur.rfind("=")) + 1 if shell == "bash" else 0
+    cut = max((cur.rfind(c) for c in ":=" if c in wordbreaks), default=-1) + 1 if shell == "bash" else 0
     for word, description in items:
         if shell == "bash":
             lines.append(word[cut:])
@@ -474,5 +475,6 @@ def main(argv: list[str], environ: Mapping[str, str] | None = None, cwd: str | N
         line = words[0] if words else ""
         words = split_line(line)[1:]  # drop the program's name
     items = complete(prog if prog in PROGS else "qsnap", words, environ, cwd)
-    sys.stdout.write(render(shell, words[-1] if words else "", items))
+    sys.stdout.write(render(shell, words[-1] if words else "", items,
+                            environ.get("QSNAP_COMP_WORDBREAKS", ":=")))
     return 0

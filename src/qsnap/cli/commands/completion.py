@@ -11,7 +11,8 @@ BASH = r"""# qsnap and manage-snapshots completion for bash.  Load it with:
 # It asks `qsnap __complete` for commands, options, image paths, snapshot names and guest paths.
 _qsnap_complete() {
     local -a reply
-    mapfile -t reply < <(command qsnap __complete bash "${1##*/}" -- "${COMP_LINE:0:COMP_POINT}" 2>/dev/null)
+    mapfile -t reply < <(QSNAP_COMP_WORDBREAKS="$COMP_WORDBREAKS" \
+        command qsnap __complete bash "${1##*/}" -- "${COMP_LINE:0:COMP_POINT}" 2>/dev/null)
     if [[ ${reply[0]-} == nospace ]]; then
         compopt -o nospace 2>/dev/null
     fi
