@@ -208,6 +208,8 @@ def _run_steps(
         pred.compressed_bytes += stats.compressed_bytes
         pred.zero_bytes += stats.zero_bytes
         if entry is None:
+            if progress is not None:
+                progress("states", total, total)
             break
         raw = table.source_entry_bytes(image, entry)
         raws.append(raw)

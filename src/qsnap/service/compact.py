@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from qsnap.core.errors import CorruptImage, ImageInUse, UsageError, VerificationFailed
+from qsnap.core.errors import CorruptImage, ImageError, ImageInUse, UsageError, VerificationFailed
 from qsnap.service.snapshots import DEFAULT_CONTEXT, Context
 
 KILL_AT_ENV = "QSNAP_COMPACT_KILL_AT"  # test hook: SIGKILL this process at the named checkpoint
@@ -305,8 +305,20 @@ def _rebuild(
     with contextlib.suppress(PermissionError):
         os.chown(partial, st.st_uid, st.st_gid)
     new_size = os.stat(partial).st_size
-    old = path.with_name(f"{path.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
-    os.link(path, old)
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    old = path.with_name(f"{path.name}.old-{stamp}")
+    for n in range(2, 100):
+        if not os.path.lexists(old):
+            break
+        old = path.with_name(f"{path.name}.old-{stamp}-{n}")
+    try:
+        os.link(path, old)  # IMAGE keeps its name throughout: the swap below is one rename
+    except OSError as exc:
+        _discard(partial, work)
+        raise ImageError(
+            f"Cannot give {path.name} a second name ({old.name}) in {path.parent}: {exc.strerror}; "
+            f"the compacted copy was removed and {path.name} was not changed.",
+            hint="compact needs a filesystem with hard links") from exc
     _fsync_dir(path.parent)
     _checkpoint("linked")
     os.replace(partial, path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from qsnap.cli.invocation import Invocation
@@ -67,11 +69,30 @@ def render(inv: Invocation, report: CompactReport) -> None:
         inv.out(f"The original is kept as {report.kept_old}.")
 
 
+def progress_for(inv: Invocation) -> Callable[[str, int, int], None] | None:
+    """One line rewritten in place on a TTY (stderr), JSON lines with --json (stderr), nothing
+    when piped."""
+    if inv.json:
+        def emit(phase: str, done: int, total: int) -> None:
+            inv.env.stderr.write(json.dumps({"progress": {"phase": phase, "done": done, "total": total}}) + "\n")
+        return emit
+    if not inv.env.stderr_isatty:
+        return None
+    words = {"states": "written", "verify": "verified"}
+
+    def show(phase: str, done: int, total: int) -> None:
+        end = "\n" if phase == "verify" and done >= total else ""
+        inv.env.stderr.write(f"\rcompact: {done}/{total} states {words.get(phase, phase)}{end}")
+        inv.env.stderr.flush()
+    return show
+
+
 def cmd_compact(inv: Invocation) -> int:
     from qsnap.service.compact import compact
 
     report = compact(inv.image(), compress=inv.args.compress, sparsify=inv.args.sparsify,
-                     dry_run=inv.args.dry_run, keep_old=inv.args.keep_old, ctx=inv.context())
+                     dry_run=inv.args.dry_run, keep_old=inv.args.keep_old, ctx=inv.context(),
+                     progress=progress_for(inv))
     if inv.json:
         inv.emit_json(report.to_json())
     else:
