@@ -2,7 +2,7 @@
 
 Prints, for images with 10 and 200 snapshots, the median wall time of one <Tab> (the callback
 `qsnap __complete`, warm spec cache, as the shells run it) against two baselines measured in the
-same run: the bare interpreter start and `qsnap list` (its fast path). Goal: < 100 ms at 200
+same run: the bare interpreter start and `qsnap list` (its fast path), run alternately. Goal: < 100 ms at 200
 snapshots. Then `qsnap ui`'s time to first paint with 200 snapshots (process start to the tree
 drawn, headless at 80x24) and to the space bars, and the peak memory (max RSS) of each.
 """
@@ -57,6 +57,17 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     return statistics.median(times), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 
 
+def paired(first: list[str], second: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Median ms of FIRST and SECOND, run alternately (a busy machine slows both alike)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(RUNS):
+        for argv, out in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+            out.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def make_image(path: Path, count: int) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1G"], check=True)
     subprocess.run(["qemu-io", "-c", "write -P 0x11 0 4M", str(path)], check=True, stdout=subprocess.DEVNULL)
@@ -81,8 +92,10 @@ def main() -> int:
             make_image(image, count)
             subprocess.run([qsnap, "__complete", "bash", "qsnap", "--", "qsnap res"], check=True, env=env,
                            stdout=subprocess.DEVNULL)  # fill the spec cache
-            listed, _ = timed([qsnap, "-i", str(image), "list"], env)
-            names, rss = timed([qsnap, "__complete", "bash", "qsnap", "--", f"qsnap -i {image} restore snap-01"], env)
+            listed, names = paired([qsnap, "-i", str(image), "list"],
+                                   [qsnap, "__complete", "bash", "qsnap", "--", f"qsnap -i {image} restore snap-01"],
+                                   env)
+            rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             commands, _ = timed([qsnap, "__complete", "bash", "qsnap", "--", "qsnap res"], env)
             print(f"{count:>9}  {listed:>8.1f}ms  {names:>8.1f}ms  {names / listed:>6.2f}  {commands:>7.1f}ms  "
                   f"{names / python:>9.2f}")

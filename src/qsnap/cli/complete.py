@@ -137,7 +137,7 @@ def load_specs(environ: Mapping[str, str]) -> Spec:
     path = cache_path(environ)
     try:
         with open(path, "rb") as f:
-            cached = marshal.load(f)
+            cached = marshal.loads(f.read())  # marshal.load(f) reads in small pieces: 15x slower
         if isinstance(cached, dict) and cached.get("key") == key:
             specs: Spec = cached["specs"]
             return specs
