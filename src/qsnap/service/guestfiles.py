@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qsnap.core.errors import CorruptFilesystem, GuestFsError, GuestPathNotFound, OutputExists, UsageError
+from qsnap.core.errors import (
+    CorruptFilesystem,
+    GuestFsError,
+    GuestPathNotFound,
+    OutputExists,
+    QsnapError,
+    UsageError,
+)
 from qsnap.core.models import Snapshot
 from qsnap.guestfs import extformat as ef
 from qsnap.guestfs.device import CachedDevice, Qcow2Device, Slice
@@ -329,40 +336,10 @@ def _write_plan(fs: ExtFilesystem, plan: list[_Node], root_fd: int, result: Extr
     dirs_done: list[tuple[int, str, Inode]] = []
     try:
         for node in plan:
-            if node.rel:
-                parent_fd, name = dir_fds[node.rel[:-1]], node.rel[-1]
-            else:
-                parent_fd, name = root_fd, "x"
-            inode = node.inode
-            if not inode.is_dir and inode.links > 1 and inode.ino in first_link:
-                src_rel, src_name = first_link[inode.ino]
-                src_fd = dir_fds[src_rel] if src_rel != ("",) else root_fd
-                os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
-                result.hardlinks += 1
-                continue
-            kind = inode.mode & ef.S_IFMT
-            if kind == ef.S_IFDIR:
-                os.mkdir(name, 0o700, dir_fd=parent_fd)
-                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
-                dir_fds[node.rel] = fd
-                dirs_done.append((parent_fd, name, inode))
-                result.directories += 1
-                continue
-            if kind == ef.S_IFREG:
-                result.bytes += _write_file(fs, inode, parent_fd, name)
-                result.files += 1
-            elif kind == ef.S_IFLNK:
-                os.symlink(os.fsdecode(fs.symlink_target(inode)), name, dir_fd=parent_fd)
-                result.symlinks += 1
-            elif kind in (ef.S_IFIFO,):
-                os.mkfifo(name, 0o600, dir_fd=parent_fd)
-                result.special += 1
-            else:  # devices and sockets: never created (a device node would reach outside DEST)
-                result.skipped.append(f"{node.guest_path} ({inode.file_type})")
-                continue
-            _set_attrs(inode, parent_fd, name, result.owners)
-            if inode.links > 1:
-                first_link[inode.ino] = (node.rel[:-1] if node.rel else ("",), name)
+            try:
+                _write_node(fs, node, root_fd, dir_fds, first_link, dirs_done, result)
+            except (OSError, OverflowError) as exc:
+                raise _write_error(node, exc) from exc
         for parent_fd, name, inode in reversed(dirs_done):  # children first: their writes touch mtimes
             _set_attrs(inode, parent_fd, name, result.owners)
     finally:
@@ -370,15 +347,65 @@ def _write_plan(fs: ExtFilesystem, plan: list[_Node], root_fd: int, result: Extr
             os.close(fd)
 
 
+def _write_error(node: _Node, exc: OSError | OverflowError) -> QsnapError:
+    import errno
+
+    if isinstance(exc, OverflowError) or exc.errno == errno.EFBIG:
+        return QsnapError(f"Cannot extract {node.guest_path}: it claims {node.inode.size} bytes, more than a file "
+                          "here can hold (nothing was left behind).")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return QsnapError(f"The disk filled up while extracting {node.guest_path} (nothing was left behind).")
+    return QsnapError(f"Cannot extract {node.guest_path}: {exc.strerror or exc} (nothing was left behind).")
+
+
+def _write_node(fs: ExtFilesystem, node: _Node, root_fd: int, dir_fds: dict[tuple[str, ...], int],
+                first_link: dict[int, tuple[tuple[str, ...], str]], dirs_done: list[tuple[int, str, Inode]],
+                result: ExtractResult) -> None:
+    if node.rel:
+        parent_fd, name = dir_fds[node.rel[:-1]], node.rel[-1]
+    else:
+        parent_fd, name = root_fd, "x"
+    inode = node.inode
+    if not inode.is_dir and inode.links > 1 and inode.ino in first_link:
+        src_rel, src_name = first_link[inode.ino]
+        src_fd = dir_fds[src_rel] if src_rel != ("",) else root_fd
+        os.link(src_name, name, src_dir_fd=src_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
+        result.hardlinks += 1
+        return
+    kind = inode.mode & ef.S_IFMT
+    if kind == ef.S_IFDIR:
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        dir_fds[node.rel] = fd
+        dirs_done.append((parent_fd, name, inode))
+        result.directories += 1
+        return
+    if kind == ef.S_IFREG:
+        result.bytes += _write_file(fs, inode, parent_fd, name)
+        result.files += 1
+    elif kind == ef.S_IFLNK:
+        os.symlink(os.fsdecode(fs.symlink_target(inode)), name, dir_fd=parent_fd)
+        result.symlinks += 1
+    elif kind in (ef.S_IFIFO,):
+        os.mkfifo(name, 0o600, dir_fd=parent_fd)
+        result.special += 1
+    else:  # devices and sockets: never created (a device node would reach outside DEST)
+        result.skipped.append(f"{node.guest_path} ({inode.file_type})")
+        return
+    _set_attrs(inode, parent_fd, name, result.owners)
+    if inode.links > 1:
+        first_link[inode.ino] = (node.rel[:-1] if node.rel else ("",), name)
+
+
 def _set_attrs(inode: Inode, parent_fd: int, name: str, owners: bool) -> None:
     is_link = inode.is_symlink
     if owners:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, OverflowError):
             os.chown(name, inode.uid, inode.gid, dir_fd=parent_fd, follow_symlinks=False)
     if not is_link:
         os.chmod(name, stat.S_IMODE(inode.mode & 0o7777), dir_fd=parent_fd)
     mtime_ns = inode.mtime * 1_000_000_000 + inode.mtime_ns
-    with contextlib.suppress(NotImplementedError, OSError):
+    with contextlib.suppress(NotImplementedError, OSError, OverflowError, ValueError):
         os.utime(name, ns=(inode.atime * 1_000_000_000, mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
 
 
