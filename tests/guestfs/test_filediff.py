@@ -253,3 +253,17 @@ def test_raw_write_into_a_data_block_is_found(scenario: Scenario, qsnap_main: Ca
     assert report["full_scan"] is True
     both = diff_json(qsnap_main, scenario.qcow2, "s1", "s4")
     assert as_oracle(both) == oracle_changes(scenario.fs_a, scenario.fs_c, tmp_path / "2")
+
+
+def test_duplicate_snapshot_names_are_chosen_by_id(scenario: Scenario, qsnap_main: Callable[..., Run],
+                                                   tmp_path: Path) -> None:
+    image = tmp_path / "dup.qcow2"
+    shutil.copyfile(scenario.qcow2, image)
+    sh("qemu-img", "snapshot", "-c", "s1", image)  # a second 's1' (ID 5): the state of s4
+    ambiguous = qsnap_main(["-i", image, "cat", "s1:/with space.txt"])
+    assert ambiguous.rc == 5 and "--id" in one_error_line(ambiguous.err)
+    assert qsnap_main(["-i", image, "cat", "--id", "1", "s1:/with space.txt"]).out == "spaces\n"
+    assert qsnap_main(["-i", image, "cat", "--id", "5", "s1:/with space.txt"]).out == "SPACES\n"
+    by_id = diff_json(qsnap_main, image, "s1", "s1", "--a-id", "1", "--b-id", "5")
+    by_name = diff_json(qsnap_main, scenario.qcow2, "s1", "s4")
+    assert by_id["changes"] == by_name["changes"]

@@ -45,3 +45,10 @@ def test_file_changed_in_the_guest_shows_in_diff_files(guest_factory: GuestFacto
     assert qsnap_ok("-i", image, "cat", "s1:/notes.txt") == "first-version"
     assert qsnap_ok("-i", image, "cat", "s2:/notes.txt") == "second-version-longer"
     assert qsnap_ok("-i", image, "fsck", "s2").count("is clean") == 1
+
+    # the running VM's current state: read as it is on disk, with a warning saying so
+    guest.write_file("/mnt/current.txt", "now")
+    current = run_qsnap("-i", image, "ls", "@current:/", timeout=240)
+    assert current.rc == 0, current.err
+    assert "current.txt" in current.out.split()
+    assert "mid-write" in current.err
