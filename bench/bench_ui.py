@@ -57,15 +57,24 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     return statistics.median(times), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 
 
-def paired(first: list[str], second: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Median ms of FIRST and SECOND, run alternately (a busy machine slows both alike)."""
-    times: tuple[list[float], list[float]] = ([], [])
+def cpu_ms() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * 1000
+
+
+def paired(first: list[str], second: list[str], env: dict[str, str]) -> tuple[float, float, float, float]:
+    """Median wall ms of FIRST and SECOND run alternately (a busy machine slows both alike), then
+    their median CPU ms (user + system: what the run costs, whatever else the machine does)."""
+    walls: tuple[list[float], list[float]] = ([], [])
+    cpus: tuple[list[float], list[float]] = ([], [])
     for _ in range(RUNS):
-        for argv, out in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
+        for argv, wall, cpu in ((first, walls[0], cpus[0]), (second, walls[1], cpus[1])):
+            start, start_cpu = time.perf_counter(), cpu_ms()
             subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
-            out.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times[0]), statistics.median(times[1])
+            wall.append((time.perf_counter() - start) * 1000)
+            cpu.append(cpu_ms() - start_cpu)
+    return (statistics.median(walls[0]), statistics.median(walls[1]), statistics.median(cpus[0]),
+            statistics.median(cpus[1]))
 
 
 def make_image(path: Path, count: int) -> None:
@@ -85,20 +94,20 @@ def main() -> int:
         python, _ = timed([sys.executable, "-c", "pass"], env)
         print(f"interpreter start alone: {python:.1f} ms")
         print(f"{'snapshots':>9}  {'qsnap list':>10}  {'<Tab> name':>10}  {'ratio':>6}  {'<Tab> cmd':>9}  "
-              f"{'vs python':>9}")
+              f"{'vs python':>9}  {'CPU: list':>9}  {'<Tab>':>7}")
         image200 = Path(tmp) / "s200.qcow2"
         for count in (10, 200):
             image = Path(tmp) / f"s{count}.qcow2"
             make_image(image, count)
             subprocess.run([qsnap, "__complete", "bash", "qsnap", "--", "qsnap res"], check=True, env=env,
                            stdout=subprocess.DEVNULL)  # fill the spec cache
-            listed, names = paired([qsnap, "-i", str(image), "list"],
+            listed, names, listed_cpu, names_cpu = paired([qsnap, "-i", str(image), "list"],
                                    [qsnap, "__complete", "bash", "qsnap", "--", f"qsnap -i {image} restore snap-01"],
                                    env)
             rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             commands, _ = timed([qsnap, "__complete", "bash", "qsnap", "--", "qsnap res"], env)
             print(f"{count:>9}  {listed:>8.1f}ms  {names:>8.1f}ms  {names / listed:>6.2f}  {commands:>7.1f}ms  "
-                  f"{names / python:>9.2f}")
+                  f"{names / python:>9.2f}  {listed_cpu:>7.1f}ms  {names_cpu:>5.1f}ms")
         print(f"completion peak memory (max RSS of the runs): {rss / 1024:.1f} MiB")
         cold = []
         for _ in range(3):
