@@ -5,8 +5,8 @@ Endpoint, region and credentials come from boto3's standard configuration chain
 ``~/.aws/config`` and ``~/.aws/credentials``), never from qsnap's argv.
 
 - :class:`MultipartSink`: a streamed upload. Bytes are cut into parts (8 MiB or more) that are
-  uploaded by a small thread pool while the next part fills; at most ``parallel + 1`` parts are
-  in memory. :meth:`MultipartSink.commit` completes the upload, which S3 makes visible
+  uploaded by a small thread pool while the next part fills; at most ``parallel`` parts (and the
+  one filling) are in memory. :meth:`MultipartSink.commit` completes the upload, which S3 makes visible
   atomically; any failure, and Ctrl-C, aborts it (no orphaned parts left billing the user).
   Uploads carry the metadata ``qsnap: <version>`` and are listed by ``qsnap doctor --target``.
 - :class:`RangedReader`: an object read front to back with ranged GETs in flight in
@@ -254,7 +254,7 @@ class MultipartSink:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.parts: list[tuple[int, Future[str]]] = []
-        self.slots = threading.BoundedSemaphore(parallel + 1)
+        self.slots = threading.BoundedSemaphore(parallel)  # parts submitted, not yet uploaded
         self.pool: ThreadPoolExecutor | None = None
         self.done = False
         self.abort_failed: str | None = None
