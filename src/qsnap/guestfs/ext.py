@@ -662,6 +662,9 @@ class ExtFilesystem:
                 block = run.physical + k
                 raw = self.read_blocks(block, 1, f"directory block of inode {inode.ino}")
                 self._parse_dir_block(raw, inode, out, check_tail=True, block=block)
+        dots = [e.name for e in out if e.name in (b".", b"..")]
+        if len(dots) > 2 or len(set(dots)) != len(dots):
+            raise CorruptFilesystem(f"Directory inode {inode.ino} holds a second '.' or '..' entry.")
         return out
 
     def _parse_dir_block(self, raw: bytes, inode: Inode, out: list[DirEntry], *, check_tail: bool,
@@ -712,7 +715,10 @@ class ExtFilesystem:
         from qsnap.core.errors import GuestPathNotFound
 
         parts = [p for p in path.split("/") if p and p != "."]
-        stack: list[Inode] = [self.inode(ef.ROOT_INO)]
+        root = self.inode(ef.ROOT_INO)
+        if not root.is_dir:
+            raise CorruptFilesystem(f"The root inode ({ef.ROOT_INO}) is not a directory.")
+        stack: list[Inode] = [root]
         hops = 0
         walked: list[str] = []
         while parts:

@@ -56,7 +56,7 @@ class Partition(NamedTuple):
     type_name: str
     name: str  # GPT partition name
     bootable: bool
-    filesystem: str | None  # "ext" when an ext2/3/4 superblock magic is found there, else None
+    filesystem: str | None  # "ext" (ext2/3/4), another recognised filesystem's name, or None
 
     def to_json(self) -> dict[str, object]:
         return {"number": self.number, "start": self.start, "size": self.size, "scheme": self.scheme,
@@ -66,6 +66,31 @@ class Partition(NamedTuple):
 
 def _has_ext_magic(device: CachedDevice, start: int) -> bool:
     return device.read(start + EXT_MAGIC_OFFSET, 2) == b"\x53\xef"
+
+
+#: (offset, magic, name) of filesystems and containers qsnap recognises but does not read.
+SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"LUKS\xba\xbe", "LUKS (encrypted)"),
+    (0, b"XFSB", "XFS"),
+    (3, b"NTFS    ", "NTFS"),
+    (3, b"EXFAT   ", "exFAT"),
+    (0x36, b"FAT1", "FAT"),
+    (0x52, b"FAT32   ", "FAT"),
+    (0x10040, b"_BHRfS_M", "btrfs"),
+    (0x218, b"LVM2 001", "LVM physical volume"),
+    (0xFF6, b"SWAPSPACE2", "Linux swap"),
+    (0x8001, b"CD001", "ISO 9660"),
+)
+
+
+def detect_filesystem(device: CachedDevice, start: int, size: int) -> str | None:
+    """'ext' for ext2/3/4, the name of another known filesystem, or None."""
+    if size > EXT_MAGIC_OFFSET + 2 and _has_ext_magic(device, start):
+        return "ext"
+    for offset, magic, name in SIGNATURES:
+        if offset + len(magic) <= size and device.read(start + offset, len(magic)) == magic:
+            return name
+    return None
 
 
 def read_partitions(device: CachedDevice) -> list[Partition]:
@@ -81,7 +106,7 @@ def read_partitions(device: CachedDevice) -> list[Partition]:
 
 
 def _whole_disk(device: CachedDevice) -> Partition:
-    fs = "ext" if _has_ext_magic(device, 0) else None
+    fs = detect_filesystem(device, 0, device.size)
     return Partition(0, 0, device.size, "none", "", "whole disk", "", False, fs)
 
 
@@ -99,7 +124,7 @@ def _mbr(device: CachedDevice, entries: list[tuple[int, bytes, int, bytes, int, 
 
 
 def _mbr_partition(device: CachedDevice, number: int, start: int, size: int, ptype: int, status: int) -> Partition:
-    fs = None if ptype in EXTENDED_TYPES else ("ext" if _has_ext_magic(device, start) else None)
+    fs = None if ptype in EXTENDED_TYPES else detect_filesystem(device, start, size)
     return Partition(number, start, size, "mbr", f"0x{ptype:02x}", MBR_TYPES.get(ptype, "unknown"), "",
                      status == 0x80, fs)
 
@@ -172,7 +197,7 @@ def _gpt_at(device: CachedDevice, lba: int) -> list[Partition]:
         _check_inside(device, start, size, f"GPT partition {i + 1}")
         tguid = str(uuid.UUID(bytes_le=type_guid))
         label = name.decode("utf-16-le", "replace").split("\0", 1)[0]
-        fs = "ext" if _has_ext_magic(device, start) else None
+        fs = detect_filesystem(device, start, size)
         parts.append(Partition(i + 1, start, size, "gpt", tguid, GPT_TYPES.get(tguid, "unknown"), label,
                                bool(attrs & 4), fs))
     return parts
@@ -183,6 +208,9 @@ def choose_partition(parts: list[Partition], number: int | None) -> Partition:
     if number is not None:
         for p in parts:
             if p.number == number:
+                if p.filesystem not in (None, "ext"):
+                    raise GuestFsError(f"Partition {number} holds {p.filesystem}, not ext2/ext3/ext4 (the only "
+                                       "filesystems qsnap reads).")
                 return p
         have = ", ".join(str(p.number) for p in parts) or "none"
         raise GuestFsError(f"There is no partition {number} on this disk (partitions: {have}).")
@@ -191,7 +219,8 @@ def choose_partition(parts: list[Partition], number: int | None) -> Partition:
              or p.type_name.startswith("Linux")]
     if linux or ext:
         return (linux or ext)[0]
-    described = ", ".join(f"{p.number} ({p.type_name})" for p in parts)
+    described = ", ".join(f"{p.number} ({p.type_name}{', ' + p.filesystem if p.filesystem else ''})"
+                          for p in parts)
     raise GuestFsError(
         f"No ext2/ext3/ext4 filesystem found on this disk (partitions: {described}).",
         hint="pick one with --partition N; qsnap reads ext2 (GNU/Hurd's too), ext3 and ext4",

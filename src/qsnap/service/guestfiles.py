@@ -260,14 +260,20 @@ def _plan(fs: ExtFilesystem, top_path: str, top: Inode) -> list[_Node]:
     anything is written."""
     plan = [_Node((), top, top_path)]
     if not top.is_dir:
+        if top.mode & ef.S_IFMT not in (ef.S_IFREG, ef.S_IFLNK, ef.S_IFIFO):
+            raise GuestFsError(f"{top_path} is a {top.file_type}: qsnap never creates device nodes or sockets.")
         return plan
     seen = {top.ino}
     stack = [plan[0]]
     while stack:
         node = stack.pop()
+        names: set[str] = set()
         for name, ino in children(fs, node.inode):
             if name in (".", "..") or "/" in name or "\0" in name:
                 raise CorruptFilesystem(f"{node.guest_path} holds an entry named {name!r}.")
+            if name in names:
+                raise CorruptFilesystem(f"{node.guest_path} holds two entries named {name!r}.")
+            names.add(name)
             child = fs.inode(ino)
             item = _Node((*node.rel, name), child, join(node.guest_path, name))
             plan.append(item)

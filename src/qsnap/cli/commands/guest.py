@@ -101,6 +101,23 @@ def _mode_string(info: FileInfo) -> str:
 _DATES: dict[int, str] = {}
 
 
+def printable(text: str) -> str:
+    """TEXT with control characters and undecodable bytes escaped (GNU ls -b style), so a guest's
+    file names cannot send escape sequences to the terminal. JSON output keeps the names as they are."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+            continue
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
+            code -= 0xDC00
+        out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return "".join(out)
+
+
 def _date(mtime: int) -> str:
     text = _DATES.get(mtime)
     if text is None:
@@ -111,15 +128,15 @@ def _date(mtime: int) -> str:
 
 
 def _format_entry(info: FileInfo, long: bool, show_path: bool) -> str:
-    name = info.path if show_path else info.name
+    name = printable(info.path if show_path else info.name)
     if not long:
         return name
     when = _date(info.mtime)
     line = f"{_mode_string(info)} {info.links:>3} {info.uid:>5} {info.gid:>5} {info.size:>10} {when} {name}"
     if info.target is not None:
-        line += f" -> {info.target}"
+        line += f" -> {printable(info.target)}"
     if info.translator is not None:
-        line += f"  [translator: {info.translator}]"
+        line += f"  [translator: {printable(info.translator)}]"
     return line
 
 
@@ -175,7 +192,7 @@ def cmd_extract(inv: Invocation) -> int:
     inv.out(f"Extracted {state.label}:{result.source} to {result.destination} ({', '.join(parts)}, "
             f"{result.bytes} bytes).")
     for skipped in result.skipped:
-        inv.note(f"skipped {skipped}: device nodes and sockets are never created")
+        inv.note(f"skipped {printable(skipped)}: device nodes and sockets are never created")
     if not result.owners:
         inv.note("note: owners were not kept (only root can set them); modes and times were")
     return 0
@@ -198,7 +215,7 @@ def cmd_fsck(inv: Invocation) -> int:
         inv.out(f"{result.state}: {result.kind} filesystem on partition {result.partition} is DAMAGED "
                 f"(e2fsck -fn exit {result.exit_code}):")
         for line in result.findings:
-            inv.out(f"  {line}")
+            inv.out(f"  {printable(line)}")
     if not result.clean:
         if not inv.json:
             first = result.findings[0] if result.findings else "e2fsck reported errors"
@@ -210,9 +227,9 @@ def cmd_fsck(inv: Invocation) -> int:
 def render_file_diff(inv: Invocation, report: FileDiffReport) -> None:
     marks = {"added": "A", "removed": "D", "modified": "M", "renamed": "R"}
     for change in report.changes:
-        line = f"{marks[change.kind]}  {change.path}"
+        line = f"{marks[change.kind]}  {printable(change.path)}"
         if change.kind == "renamed":
-            line = f"R  {change.renamed_from} -> {change.path}"
+            line = f"R  {printable(change.renamed_from or '')} -> {printable(change.path)}"
         elif change.changes:
             line += f"  ({', '.join(change.changes)})"
         if change.type == "dir" and change.kind != "modified":
