@@ -678,14 +678,15 @@ class ExtFilesystem:
                     raise CorruptFilesystem(f"Directory block {block} of inode {inode.ino} fails its checksum.")
         # The hot loop of every listing: locals only, one unpack per entry, checks batched per block.
         pos = 0
-        unpack = (ef.DIRENT_FT if self.filetype else ef.DIRENT).unpack_from
-        types = ef.DIR_FILE_TYPES if self.filetype else {}
+        filetype = self.filetype
+        unpack = ef.DIRENT_FT.unpack_from if filetype else _unpack_dirent_noft
+        types = ef.DIR_FILE_TYPES
         big = self.block_size >= 65536
         names: list[bytes] = []
         max_ino = 0
         append = out.append
         while pos + 8 <= end:
-            ino, rec_len, name_len, *ftype = unpack(raw, pos)
+            ino, rec_len, name_len, ftype = unpack(raw, pos)
             if big and rec_len in (0, 65535):
                 rec_len = 65536
             if rec_len < 8 or rec_len & 3 or pos + rec_len > end or (ino and 8 + name_len > rec_len):
@@ -698,7 +699,7 @@ class ExtFilesystem:
                 names.append(name)
                 if ino > max_ino:
                     max_ino = ino
-                append(DirEntry(name, ino, types.get(ftype[0]) if ftype else None))
+                append(DirEntry(name, ino, types.get(ftype) if filetype else None))
             pos += rec_len
         if names:
             joined = b"/".join(names)
@@ -844,6 +845,12 @@ class ExtFilesystem:
                     pending = [offset, length]
         if pending:
             yield pending[0], pending[1]
+
+
+def _unpack_dirent_noft(raw: bytes, pos: int) -> tuple[int, int, int, int]:
+    """A dirent without the filetype feature (16-bit name length), as four values like DIRENT_FT's."""
+    ino, rec_len, name_len = ef.DIRENT.unpack_from(raw, pos)
+    return ino, rec_len, name_len, 0
 
 
 def _zeros(n: int) -> Iterator[bytes]:

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qsnap.core.errors import (
     CorruptFilesystem,
@@ -27,7 +27,7 @@ from qsnap.core.errors import (
 from qsnap.core.models import Snapshot
 from qsnap.guestfs import extformat as ef
 from qsnap.guestfs.device import CachedDevice, Qcow2Device, Slice
-from qsnap.guestfs.ext import ExtFilesystem, Inode
+from qsnap.guestfs.ext import DirEntry, ExtFilesystem, Inode
 from qsnap.guestfs.partitions import Partition, choose_partition, read_partitions
 from qsnap.qcow2.image import Qcow2Image
 from qsnap.service.image import check_image_file
@@ -111,9 +111,8 @@ def open_state(image: str | os.PathLike[str], target: str, *, snapshot_id: str |
 
 # ------------------------------------------------------------------ listing
 
-@dataclass(frozen=True)
-class FileInfo:
-    """One directory entry, as `ls -l` and `--json` show it."""
+class FileInfo(NamedTuple):
+    """One directory entry, as `ls -l` and `--json` show it (a tuple: listings build 100,000s)."""
 
     path: str
     name: str
@@ -184,7 +183,7 @@ def list_dir(state: GuestState, path: str, *, recursive: bool = False, details: 
     while stack:
         dir_path, inode = stack.pop()
         subdirs = []
-        for entry in sorted(fs.dir_entries(inode)):
+        for entry in sorted(fs.dir_entries(inode), key=_by_name):
             if entry.name in (b".", b".."):
                 continue
             name = decode_name(entry.name)
@@ -201,6 +200,10 @@ def list_dir(state: GuestState, path: str, *, recursive: bool = False, details: 
                 seen.add(entry.ino)
                 subdirs.append((entry_path, child))
         stack.extend(reversed(subdirs))
+
+
+def _by_name(entry: DirEntry) -> bytes:
+    return entry.name
 
 
 def normalize(path: str) -> str:
