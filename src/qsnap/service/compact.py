@@ -19,7 +19,7 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +31,6 @@ from qsnap.service.snapshots import DEFAULT_CONTEXT, Context
 KILL_AT_ENV = "QSNAP_COMPACT_KILL_AT"  # test hook: SIGKILL this process at the named checkpoint
 STAGING = (64 + 4) << 20  # qemu-io staging files at most (compact.writer.BATCH_BYTES + one command)
 STOP_TIMEOUT_ENV = "QSNAP_STOP_TIMEOUT"
-RECOMMEND_RATIO = 0.10  # doctor and info point to compact above this share of the file
 
 
 @dataclass(frozen=True)
@@ -347,7 +346,3 @@ def _discard(partial: Path, work: Path) -> None:
 
     partial.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
-
-
-def describe_findings(found: Iterable[str]) -> list[str]:
-    return [f"note: {f}" for f in found]
