@@ -386,21 +386,27 @@ def test_files_changes_view_and_extract(guest_image, tmp_path):
     assert (dest / "motd").read_bytes() == b"A new message of the day.\n"
 
 
-def test_screenshot_for_the_readme(history, tmp_path):
-    """The README's picture: the real application at 80x24, as SVG (Textual) then PNG (rsvg-convert).
+def test_screenshot_for_the_readme(tmp_path):
+    """The README's picture: the real application at 80x24, as SVG (Textual) then PNG (rsvg-convert),
+    on an ext4 disk whose history the CLI made, showing a snapshot's block and file changes.
     Written to docs/ui.png only with QSNAP_UPDATE_SCREENSHOT=1 (its dates change on every run), and
     to $QSNAP_SCREENSHOT_DIR when set."""
+    raw, image = make_ext_image(tmp_path, GUEST_FILES)
+    cli(image, "create", "base-1.0", "-m", "fresh install")
+    write_guest_file(raw, image, "/etc/motd", b"Upgraded to the next release.\n")
+    write_guest_file(raw, image, "/etc/hostname", b"hurd-box-2\n")
+    cli(image, "create", "upgraded-2.0", "-m", "after dist-upgrade")
+    cli(image, "restore", "base-1.0", "--yes")
+    write_guest_file(raw, image, "/home/user/notes.txt", b"an experiment\n")
+    cli(image, "create", "experiment-3", "-m", "trying a new kernel")
     svg: dict[str, str] = {}
-    description = "nightly build, before the upgrade"
-    cli(history, "describe", "c-3", description)
 
     async def scenario(app: SnapshotApp, pilot: Any) -> None:
-        await select(app, pilot, "c-3")
         app.query_one(TabbedContent).active = "tab-changes"
-        await settle(app, pilot)
+        await select(app, pilot, "upgraded-2.0")
         svg["text"] = app.export_screenshot(title="qsnap ui")
 
-    run_app(history, scenario)
+    run_app(image, scenario)
     source = tmp_path / "ui.svg"
     source.write_text(svg["text"])
     png = tmp_path / "ui.png"
@@ -409,7 +415,7 @@ def test_screenshot_for_the_readme(history, tmp_path):
     subprocess.run([converter, "-o", str(png), str(source)], check=True, timeout=60)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = svg["text"].replace("&#160;", " ")
-    assert "c-3" in text and "you are here" in text
+    assert "upgraded-2.0" in text and "you are here" in text and "/etc/motd" in text
     if os.environ.get("QSNAP_SCREENSHOT_DIR"):  # to look at it
         for made in (source, png):
             shutil.copyfile(made, Path(os.environ["QSNAP_SCREENSHOT_DIR"]) / made.name)

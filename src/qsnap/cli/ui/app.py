@@ -499,7 +499,8 @@ class SnapshotApp(App[int]):
 
     def show_file_diff(self, files: Any) -> None:
         self.last_files = files
-        text = Text("Files: " + files.summary + "\n", style="bold")
+        text = Text()
+        text.append("Files: " + files.summary + "\n", style="bold")
         for change in files.changes:
             text.append(file_change_line(change) + "\n")
         self.query_one("#file-changes", Static).update(text)
