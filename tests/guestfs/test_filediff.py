@@ -79,7 +79,7 @@ def scenario(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     debugfs_w(fs, [
         f"write {work / 'new.txt'} /added.txt", "mkdir /newdir", f"write {work / 'new.txt'} /newdir/inside.txt",
         "rm /small.txt", "rmdir /emptydir", "sif /big.bin size 1000", "sif /mode0600 mode 0100644",
-        "sif /owned uid 0", "sif /owned gid 0", "rm /links/short", "symlink /links/short page.bin", "rm /one",
+        "sif /owned uid 4321", "sif /owned gid 4321", "rm /links/short", "symlink /links/short page.bin", "rm /one",
         "mkdir /one", "ln /setuid /setuid-renamed", "unlink /setuid", "sif /fifty.bin mtime 20200101",
         "rm /deep/level00/level01/level02/level03/level04/level05/level06/level07/level08/level09/level10/"
         "level11/level12/level13/level14/level15/level16/level17/level18/level19/level20/level21/level22/"
