@@ -169,6 +169,16 @@ def test_zsh_offers_the_same(scripts, env, named_image, tmp_path):
     assert zsh_complete(scripts, env, ["qsnap", "-i", "disk.qcow2", "delete", "x"], cwd) == ["x:y"]
     assert zsh_complete(scripts, env, ["manage-snapshots", "-i", "disk.qcow2", "restore", ""], cwd) == list(NAMES)
     assert zsh_complete(scripts, env, ["qsnap", "li"], cwd) == ["list"]
+    spaced = tmp_path / "sp ace" / "my disk.qcow2"  # quoted on the line: zsh's words keep the quotes
+    spaced.parent.mkdir()
+    spaced.write_bytes(named_image.read_bytes())
+    assert zsh_complete(scripts, env, ["qsnap", "-i", "'sp ace/my disk.qcow2'", "restore", "v"], tmp_path) == [
+        "v2.3-rc1"]
+    assert bash_complete(scripts, env, "qsnap -i 'sp ace/my disk.qcow2' restore v", tmp_path) == ["v2.3-rc1"]
+    assert bash_complete(scripts, env, "qsnap -i sp\\ ace/my\\ disk.qcow2 restore v", tmp_path) == ["v2.3-rc1"]
+    # bash inserts candidates as they are: escaped, unless the word opened a quote
+    check_bash(scripts, env, tmp_path, {"qsnap -i sp": ["sp\\ ace/"], "qsnap -i 'sp": ["sp ace/"],
+                                        "qsnap -i sp\\ ace/": ["sp\\ ace/my\\ disk.qcow2"]})
     _raw, image = make_ext_image(tmp_path, GUEST_FILES)
     subprocess.run(["qemu-img", "snapshot", "-c", "s-1.0", str(image)], check=True)
     assert zsh_complete(scripts, env, ["qsnap", "-i", str(image), "ls", "s-1.0:/etc/n"], cwd) == [

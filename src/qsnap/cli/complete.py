@@ -50,6 +50,7 @@ _OPTION_KINDS = {
     "--against": IMAGE, "--passphrase-file": FILE, "--to": DIR,
 }
 _IMAGE_SUFFIXES = (".qcow2", ".qcow", ".img")
+_BASH_SPECIAL = frozenset(" \t\n'\"\\$`&;|<>()*?[]{}!#")
 
 
 # ------------------------------------------------------------------ the spec (from argparse, cached)
@@ -160,10 +161,16 @@ def load_specs(environ: Mapping[str, str]) -> Spec:
 def split_line(line: str) -> list[str]:
     """Words of a (partial) shell command line, quotes removed; an open quote is closed at the end;
     a trailing unquoted space starts an empty last word (the one being completed)."""
+    return split_line_quoted(line)[0]
+
+
+def split_line_quoted(line: str) -> tuple[list[str], bool]:
+    """:func:`split_line`, and whether the last word holds quotes (then bash must not escape)."""
     words: list[str] = []
     word: list[str] = []
     in_word = False
     quote = ""
+    quoted = False
     i = 0
     while i < len(line):
         ch = line[i]
@@ -176,7 +183,7 @@ def split_line(line: str) -> list[str]:
             else:
                 word.append(ch)
         elif ch in "'\"":
-            quote, in_word = ch, True
+            quote, in_word, quoted = ch, True, True
         elif ch == "\\" and i + 1 < len(line):
             i += 1
             word.append(line[i])
@@ -184,13 +191,13 @@ def split_line(line: str) -> list[str]:
         elif ch in " \t\n":
             if in_word:
                 words.append("".join(word))
-                word, in_word = [], False
+                word, in_word, quoted = [], False, False
         else:
             word.append(ch)
             in_word = True
         i += 1
     words.append("".join(word))  # the word under the cursor ("" after a space)
-    return words
+    return words, quoted
 
 
 class Parsed:
@@ -442,7 +449,7 @@ def _value(out: Candidates, kind: str, cur: str, image: Any, cwd: str) -> None:
 
 # ------------------------------------------------------------------ output for each shell
 
-def render(shell: str, cur: str, items: list[tuple[str, str]], wordbreaks: str = ":=") -> str:
+def render(shell: str, cur: str, items: list[tuple[str, str]], wordbreaks: str = ":=", quoted: bool = False) -> str:
     """One candidate a line. bash replaces only the text after the last of its word breaks
     (``COMP_WORDBREAKS``: ':' and '=' by default), so that prefix is cut off; fish shows
     'word<TAB>description'. A first line ``nospace`` tells bash not to add a space (a directory
@@ -454,8 +461,9 @@ def render(shell: str, cur: str, items: list[tuple[str, str]], wordbreaks: str =
         lines.append("space")
     cut = max((cur.rfind(c) for c in ":=" if c in wordbreaks), default=-1) + 1 if shell == "bash" else 0
     for word, description in items:
-        if shell == "bash":
-            lines.append(word[cut:])
+        if shell == "bash":  # bash inserts the text as it is: a space would end the word
+            lines.append(word[cut:] if quoted else "".join("\\" + c if c in _BASH_SPECIAL else c
+                                                           for c in word[cut:]))
         elif shell == "fish" and description:
             lines.append(f"{word}\t{description}")
         else:
@@ -471,10 +479,11 @@ def main(argv: list[str], environ: Mapping[str, str] | None = None, cwd: str | N
         sys.stderr.write("usage: qsnap __complete bash|zsh|fish PROG -- WORD...\n")
         return 2
     shell, prog, words = argv[0], argv[1], argv[3:]
+    quoted = False
     if shell == "bash":
-        line = words[0] if words else ""
-        words = split_line(line)[1:]  # drop the program's name
+        words, quoted = split_line_quoted(words[0] if words else "")
+        words = words[1:]  # drop the program's name
     items = complete(prog if prog in PROGS else "qsnap", words, environ, cwd)
     sys.stdout.write(render(shell, words[-1] if words else "", items,
-                            environ.get("QSNAP_COMP_WORDBREAKS", ":=")))
+                            environ.get("QSNAP_COMP_WORDBREAKS", ":="), quoted))
     return 0

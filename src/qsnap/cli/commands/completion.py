@@ -28,7 +28,7 @@ ZSH = r"""#compdef qsnap manage-snapshots
 _qsnap() {
     local -a reply space nospace
     local word
-    reply=("${(@f)$(command qsnap __complete zsh ${words[1]:t} -- "${(@)words[2,CURRENT]}" 2>/dev/null)}")
+    reply=("${(@f)$(command qsnap __complete zsh ${words[1]:t} -- "${(@Q)words[2,CURRENT]}" 2>/dev/null)}")
     for word in "${(@)reply[2,-1]}"; do
         [[ -z $word ]] && continue
         if [[ $word == */ || $word == *: ]]; then nospace+=("$word"); else space+=("$word"); fi
