@@ -160,6 +160,9 @@ def test_bash_completes_guest_paths_after_a_snapshot_name(scripts, env, tmp_path
         "qsnap -i guest.qcow2 ls s-1.0:/e": ["/etc/"],
         "qsnap -i guest.qcow2 cat s-1.0:/etc/": ["/etc/hostname", "/etc/motd", "/etc/network/"],
         "qsnap -i guest.qcow2 cat @current:/home/user/n": ["/home/user/notes.txt"],
+        # diff A B PATH and --content: paths inside A
+        "qsnap -i guest.qcow2 diff s-1.0 @current /e": ["/etc/"],
+        "qsnap -i guest.qcow2 diff s-1.0 @current --files --content /etc/h": ["/etc/hostname"],
     })
 
 

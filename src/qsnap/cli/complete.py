@@ -35,6 +35,7 @@ SNAPSHOT = "snapshot"
 SNAPSHOT_OR_CURRENT = "snapshot+current"
 SNAPSHOT_ID = "snapshot-id"
 GUEST_PATH = "guest-path"  # SNAP[:PATH]
+GUEST_PATH_OF_A = "guest-path-of-a"  # a guest path inside the command's first snapshot (diff A B PATH)
 IMAGE = "image"
 FILE = "file"
 DIR = "dir"
@@ -47,7 +48,7 @@ _POSITIONAL_KINDS = {
 }
 _OPTION_KINDS = {
     "--image": IMAGE, "--id": SNAPSHOT_ID, "--a-id": SNAPSHOT_ID, "--b-id": SNAPSHOT_ID,
-    "--against": IMAGE, "--passphrase-file": FILE, "--to": DIR,
+    "--against": IMAGE, "--passphrase-file": FILE, "--to": DIR, "--content": GUEST_PATH_OF_A,
 }
 _IMAGE_SUFFIXES = (".qcow2", ".qcow", ".img")
 _BASH_SPECIAL = frozenset(" \t\n'\"\\$`&;|<>()*?[]{}!#")
@@ -59,6 +60,8 @@ def _kind_of_positional(action: argparse.Action) -> list[str]:
     metavar = action.metavar if isinstance(action.metavar, str) else action.dest
     if metavar in _POSITIONAL_KINDS:
         return [_POSITIONAL_KINDS[metavar]]
+    if action.help and "guest path" in action.help:
+        return [GUEST_PATH_OF_A]
     if action.help and "@current" in action.help:
         return [SNAPSHOT_OR_CURRENT]
     return [_POSITIONAL_KINDS.get(part, NONE) for part in metavar.split()]
@@ -248,7 +251,8 @@ def positional_kinds(spec: Spec, index: int) -> list[str] | None:
         repeat = nargs in ("+", "*", "...", "A...")
         if not isinstance(kinds, list):
             kinds = [kinds]
-        is_choices = kinds and kinds[0] not in (SNAPSHOT, SNAPSHOT_OR_CURRENT, GUEST_PATH, FILE, DIR, NONE)
+        is_choices = kinds and kinds[0] not in (SNAPSHOT, SNAPSHOT_OR_CURRENT, GUEST_PATH, GUEST_PATH_OF_A, FILE,
+                                                DIR, NONE)
         if is_choices:
             if index == position:
                 return list(kinds)
@@ -392,15 +396,16 @@ def complete(prog: str, words: list[str], environ: Mapping[str, str], cwd: str,
     def image() -> str | None:  # read on demand: most completions need no image
         return _image(parsed, environ, cwd)
 
+    first = parsed.positionals[0] if parsed.positionals else None
     if parsed.pending_option is not None:
-        _option_value(out, parsed.spec["options"][parsed.pending_option], cur, image, cwd)
+        _option_value(out, parsed.spec["options"][parsed.pending_option], cur, image, cwd, first)
         return out.items
     if cur.startswith("-") and "=" in cur:
         name, _, value = cur.partition("=")
         kind = parsed.spec["options"].get(name)
         if kind is not None:
             inner = Candidates()
-            _option_value(inner, kind, value, image, cwd)
+            _option_value(inner, kind, value, image, cwd, first)
             return [(f"{name}={w}", d) for w, d in inner.items]
     if cur.startswith("-"):
         hidden = set(parsed.spec["options"].get("__hidden__", []))
@@ -415,20 +420,20 @@ def complete(prog: str, words: list[str], environ: Mapping[str, str], cwd: str,
         return out.items
     kinds = positional_kinds(parsed.spec, len(parsed.positionals))
     for kind in kinds or []:
-        _value(out, kind, cur, image, cwd)
+        _value(out, kind, cur, image, cwd, first)
     return out.items
 
 
-def _option_value(out: Candidates, kind: Any, cur: str, image: Any, cwd: str) -> None:
+def _option_value(out: Candidates, kind: Any, cur: str, image: Any, cwd: str, first: str | None) -> None:
     if isinstance(kind, list):
         for choice in kind:
             if choice.startswith(cur):
                 out.add(choice)
         return
-    _value(out, kind, cur, image, cwd)
+    _value(out, kind, cur, image, cwd, first)
 
 
-def _value(out: Candidates, kind: str, cur: str, image: Any, cwd: str) -> None:
+def _value(out: Candidates, kind: str, cur: str, image: Any, cwd: str, first: str | None = None) -> None:
     if kind == SNAPSHOT:
         _snapshot_words(out, image(), cur)
     elif kind == SNAPSHOT_OR_CURRENT:
@@ -437,6 +442,12 @@ def _value(out: Candidates, kind: str, cur: str, image: Any, cwd: str) -> None:
         _snapshot_words(out, image(), cur, ids=True)
     elif kind == GUEST_PATH:
         _guest_paths(out, image(), cur)
+    elif kind == GUEST_PATH_OF_A:
+        if first is not None:  # the paths inside the first snapshot named on the line
+            inner = Candidates()
+            _guest_paths(inner, image(), f"{first}:{cur or '/'}")
+            for word, description in inner.items:
+                out.add(word[len(first) + 1:], description)
     elif kind == IMAGE:
         _paths(out, cur, cwd, images=True)
     elif kind == FILE:
