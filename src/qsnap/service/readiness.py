@@ -21,6 +21,7 @@ from qsnap.core.errors import UsageError
 
 if TYPE_CHECKING:
     from qsnap.service.snapshots import Context
+    from qsnap.vm.controllers import ContainerState
     from qsnap.vm.readiness import Probe, WaitResult
 
 GUIDE_SSH_PORT = 2222
@@ -75,11 +76,10 @@ def wait_for_vm(
     explicit = ssh_port is not None or serial_port is not None or serial_log is not None
     spec = ctx.vm or ""
     if spec.startswith("compose:"):
-        from qsnap.vm import controller_for
-        from qsnap.vm.controllers import ComposeService
+        from qsnap.vm.controllers import ComposeService, parse_compose
 
-        service = controller_for(Path("."), spec)
-        assert isinstance(service, ComposeService)
+        service_name, compose_file = parse_compose(spec)
+        service = ComposeService(service_name, compose_file, environ=ctx.env())
         health = readiness.ContainerHealthy(service)
         if not ssh and serial is None:
             probes.append(health)
@@ -132,12 +132,12 @@ def wait_for_vm(
     return readiness.wait_ready(probes, timeout=timeout, alive=alive)
 
 
-def _published(state: object, container_port: int, name: str, host: str, override: int | None) -> tuple[str, int]:
+def _published(state: ContainerState, container_port: int, name: str, host: str,
+               override: int | None) -> tuple[str, int]:
     """Where on the host the container's PORT is published (or the explicit OVERRIDE)."""
     if override is not None:
         return host, override
-    bindings = state.published(container_port)  # type: ignore[attr-defined]
-    for bound_host, bound_port in bindings:
+    for bound_host, bound_port in state.published(container_port):
         if bound_port:
             return _loopback(bound_host), bound_port
     raise UsageError(f"{name} does not publish its port {container_port} on the host.",
