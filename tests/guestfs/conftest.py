@@ -115,6 +115,8 @@ def built_fs(tmp_path_factory: pytest.TempPathFactory, source_tree: Path) -> Cal
             build_fs_image(variant, fs, htree_source(entries) if entries else lambda: source_tree)
             with contextlib.suppress(OSError):
                 cached.parent.mkdir(parents=True, exist_ok=True)
+                for stale in cached.parent.glob(f"{variant}-*.img"):  # older recipes of this variant
+                    stale.unlink()
                 partial = cached.with_name(f".{cached.name}.{os.getpid()}")
                 shutil.copyfile(fs, partial)
                 os.replace(partial, cached)

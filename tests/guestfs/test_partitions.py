@@ -151,6 +151,9 @@ def test_unsupported_disk_is_exit_14_with_one_sentence(kind: str, tmp_path: Path
         result = qsnap_main(["-i", image, *argv])
         assert (result.rc, result.out) == (14, ""), (argv, result)
         line = one_error_line(result.err)
-        assert "ext" in line, line
+        assert "ext2/ext3/ext4" in line, line
+        if kind in ("fat", "mbr-fat"):
+            assert "FAT" in line, line  # it says what it found
     assert not (tmp_path / "out").exists()
-    assert qsnap_main(["-i", image, "parts", "s1"]).rc == 0
+    parts = parts_json(qsnap_main, image)
+    assert [p["filesystem"] for p in parts] == (["FAT"] if kind in ("fat", "mbr-fat") else [None])
