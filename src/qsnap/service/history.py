@@ -122,12 +122,13 @@ def tree_from(image: Path, snapshots: Iterable[Snapshot], sidecar: Sidecar) -> T
 
 def build_tree(image: str | os.PathLike[str], ctx: Any = None) -> Tree:
     """The history tree of IMAGE from its live snapshot list and its sidecar."""
-    from qsnap.service import snapshots as svc
+    from qsnap.service.context import DEFAULT_CONTEXT
     from qsnap.service.image import check_image_file
+    from qsnap.service.routing import open_engine
 
-    ctx = ctx or svc.DEFAULT_CONTEXT
+    ctx = ctx or DEFAULT_CONTEXT
     path = check_image_file(Path(image).absolute())
-    with svc.open_engine(path, ctx, write=False) as engine:  # a monitor connection is closed after
+    with open_engine(path, ctx, write=False) as engine:  # a monitor connection is closed after
         snapshots = engine.list_snapshots()
     return tree_from(path, snapshots, Sidecar.load(path))
 
@@ -190,11 +191,12 @@ def describe(
     Runs under the image lock; the sidecar is written atomically; recorded in the audit log.
     """
     from qsnap.service import audit
-    from qsnap.service import snapshots as svc
+    from qsnap.service.context import DEFAULT_CONTEXT
     from qsnap.service.image import check_image_file
     from qsnap.service.lock import image_lock
+    from qsnap.service.routing import open_engine
 
-    ctx = ctx or svc.DEFAULT_CONTEXT
+    ctx = ctx or DEFAULT_CONTEXT
     if name is not None and snapshot_id is None:
         validate_name(name)
     if len(text) > MAX_DESCRIPTION or any(ord(c) < 0x20 and c not in "\t" for c in text):
@@ -204,7 +206,7 @@ def describe(
     label = name or f"ID {snapshot_id}"
     with image_lock(path, f"describe {label}", ctx.lock_timeout), \
             audit.recorded(path, "describe", name) as rec:
-        with svc.open_engine(path, ctx, write=False) as engine:  # closed: a long-lived caller (qsnap ui)
+        with open_engine(path, ctx, write=False) as engine:  # closed: a long-lived caller (qsnap ui)
             rec.engine = engine.name                              # must not keep the VM's monitor
             snapshots = engine.list_snapshots()
         target = resolve_snapshot(snapshots, name, snapshot_id)

@@ -14,17 +14,16 @@ import struct
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qsnap.core.errors import ImageInUse, MonitorError, UsageError
-from qsnap.core.models import ImageInfo, Snapshot
+from qsnap.core.models import ImageInfo
 from qsnap.engines import qemu_img
 from qsnap.engines.base import Engine
 
 if TYPE_CHECKING:
     from qsnap.monitor.address import MonitorAddress
-    from qsnap.service.audit import Operation
-    from qsnap.service.snapshots import Context, RestoreResult
+    from qsnap.service.context import Context
 
 CONNECT_TIMEOUT = 3.0
 
@@ -159,60 +158,6 @@ def read_info(image: Path, ctx: Context) -> ImageInfo:
             return reader.info()
     except CorruptImage:
         return qemu_img.info(image)
-
-
-def restore(
-    path: Path,
-    engine: Engine,
-    target: Snapshot,
-    before: tuple[Snapshot, ...],
-    *,
-    safety: bool,
-    ctx: Context,
-    rec: Operation,
-) -> RestoreResult:
-    from qsnap.service import snapshots as svc
-
-    warnings: list[str] = []
-    online = engine.name != qemu_img.NAME
-    controller: Any = None
-    if online and not target.has_vm_state:
-        # A disk-only snapshot cannot be loaded into a running VM: stop it, revert offline,
-        # start it again — only when we know how to stop and start it. Check before the
-        # safety snapshot, so a refusal leaves nothing behind.
-        from qsnap.vm import NoController, controller_for
-
-        # The safety snapshot (with VM state) is taken first and the disk is about to be
-        # reverted, so a long wait for a clean guest shutdown gains nothing.
-        controller = controller_for(path, ctx.vm, stop_timeout=3.0)
-        if isinstance(controller, NoController):
-            raise MonitorError(
-                f"Snapshot {target.name!r} is disk-only (no VM state), so it cannot be loaded into "
-                "the running VM, and qsnap does not know how to stop and restart this VM.",
-                hint="pass --vm compose:SERVICE[@FILE] (or start the VM with 'qsnap vm start'), "
-                "or stop the VM and run the restore again",
-            )
-    safety_snapshot = svc.take_safety_snapshot(path, engine, before, target, ctx) if safety else None
-    if safety_snapshot is not None:
-        rec.details["safety_snapshot"] = safety_snapshot.name
-    engine_name = engine.name
-    if controller is None:
-        engine.apply(target)
-        after = engine.list_snapshots()
-    else:
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
-        controller.stop()
-        _wait_unlocked(path)
-        qemu_img.apply(path, target.id)
-        after = qemu_img.read_snapshots(path)[0]
-        controller.start()
-        engine_name = f"{engine.name}+qemu-img"
-        warnings.append(f"the VM was stopped ({controller.name}), reverted offline and started again")
-    rec.engine = engine_name
-    svc.record_restored(path, target, after, warnings)
-    return svc.RestoreResult(path, engine_name, target, safety_snapshot, tuple(warnings))
 
 
 def _wait_unlocked(path: Path, timeout: float = 30.0) -> None:

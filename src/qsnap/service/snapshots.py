@@ -13,11 +13,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsnap.core.errors import (
     CorruptImage,
     ImageInUse,
+    MonitorError,
     QsnapError,
     SnapshotExists,
     SnapshotNotFound,
@@ -26,27 +27,18 @@ from qsnap.core.models import CheckResult, ImageInfo, Snapshot
 from qsnap.core.names import find_by_name, resolve_snapshot, validate_lookup_name, validate_name
 from qsnap.engines import qemu_img
 from qsnap.engines.base import Engine
+from qsnap.service.context import DEFAULT_CONTEXT, Context
 from qsnap.service.image import check_image_file, check_writable
 from qsnap.service.sidecar import Sidecar, key_of
+
+if TYPE_CHECKING:
+    from qsnap.service.audit import Operation
+
+__all__ = ["DEFAULT_CONTEXT", "Context"]  # re-exported: callers import the per-run settings from here too
 
 SAFETY_PREFIX = "pre-restore-"
 
 
-@dataclass(frozen=True)
-class Context:
-    """How to reach the VM that may hold the image, and other per-run settings."""
-
-    monitor: str | None = None  # monitor address (--monitor, QSNAP_MONITOR, MONITOR_PORT)
-    vm: str | None = None  # VM controller spec (--vm)
-    lock_timeout: float | None = None
-    environ: Mapping[str, str] | None = None
-    command: str | None = None  # the command line, recorded as the creator
-
-    def env(self) -> Mapping[str, str]:
-        return os.environ if self.environ is None else self.environ
-
-
-DEFAULT_CONTEXT = Context()
 
 
 @dataclass(frozen=True)
@@ -333,9 +325,7 @@ def restore(
 ) -> RestoreResult:
     """Revert the image to a snapshot, after taking a safety snapshot of the current state."""
     with _on_existing_snapshot(image, "restore", name, snapshot_id, ctx) as (path, rec, engine, before, target):
-        from qsnap.service import routing
-
-        return routing.restore(path, engine, target, before, safety=safety, ctx=ctx, rec=rec)
+        return _restore_with_engine(path, engine, target, before, safety=safety, ctx=ctx, rec=rec)
 
 
 @contextlib.contextmanager
@@ -432,3 +422,59 @@ __all__ = [
     "Context", "CreateResult", "DeleteResult", "ListResult", "RestoreResult", "SnapshotEntry",
     "SnapshotNotFound", "check", "create", "delete", "info", "list_snapshots", "resolve", "restore",
 ]
+
+
+# ------------------------------------------------------------------ restore, given an engine
+
+def _restore_with_engine(
+    path: Path,
+    engine: Engine,
+    target: Snapshot,
+    before: tuple[Snapshot, ...],
+    *,
+    safety: bool,
+    ctx: Context,
+    rec: Operation,
+) -> RestoreResult:
+    warnings: list[str] = []
+    online = engine.name != qemu_img.NAME
+    controller: Any = None
+    if online and not target.has_vm_state:
+        # A disk-only snapshot cannot be loaded into a running VM: stop it, revert offline,
+        # start it again — only when we know how to stop and start it. Check before the
+        # safety snapshot, so a refusal leaves nothing behind.
+        from qsnap.vm import NoController, controller_for
+
+        # The safety snapshot (with VM state) is taken first and the disk is about to be
+        # reverted, so a long wait for a clean guest shutdown gains nothing.
+        controller = controller_for(path, ctx.vm, stop_timeout=3.0)
+        if isinstance(controller, NoController):
+            raise MonitorError(
+                f"Snapshot {target.name!r} is disk-only (no VM state), so it cannot be loaded into "
+                "the running VM, and qsnap does not know how to stop and restart this VM.",
+                hint="pass --vm compose:SERVICE[@FILE] (or start the VM with 'qsnap vm start'), "
+                "or stop the VM and run the restore again",
+            )
+    safety_snapshot = take_safety_snapshot(path, engine, before, target, ctx) if safety else None
+    if safety_snapshot is not None:
+        rec.details["safety_snapshot"] = safety_snapshot.name
+    engine_name = engine.name
+    if controller is None:
+        engine.apply(target)
+        after = engine.list_snapshots()
+    else:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+        controller.stop()
+        from qsnap.service.routing import _wait_unlocked
+
+        _wait_unlocked(path)
+        qemu_img.apply(path, target.id)
+        after = qemu_img.read_snapshots(path)[0]
+        controller.start()
+        engine_name = f"{engine.name}+qemu-img"
+        warnings.append(f"the VM was stopped ({controller.name}), reverted offline and started again")
+    rec.engine = engine_name
+    record_restored(path, target, after, warnings)
+    return RestoreResult(path, engine_name, target, safety_snapshot, tuple(warnings))
