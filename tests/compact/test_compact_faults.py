@@ -84,3 +84,29 @@ def test_disk_filling_up_midway_is_a_clear_error(qsnap_main: object, small_fs: P
     assert not [p for p in small_fs.iterdir() if "partial" in p.name]
     assert snapshot_records(image) == snapshot_records(original)
     assert os.statvfs(small_fs).f_bfree > 0
+
+
+def test_a_wrong_copy_is_caught_and_the_image_kept(qsnap_main: object, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verification is real: a planner that loses one write (injected here: a bug cannot be
+    made to happen on demand) makes compact fail with exit 11 and change nothing."""
+    from qsnap.compact import plan
+
+    image = history(tmp_path / "disk.qcow2")
+    original = image.read_bytes()
+    real = plan.Planner.materialize
+    dropped: list[int] = []
+
+    def lossy(self: plan.Planner, ops: Iterator[plan.Op], *args: object, **kwargs: object) -> Iterator[plan.Op]:
+        for op in real(self, ops, *args, **kwargs):  # type: ignore[arg-type]
+            if op.kind == plan.OP_DATA and not dropped:
+                dropped.append(op.offset)
+                continue
+            yield op
+
+    monkeypatch.setattr(plan.Planner, "materialize", lossy)
+    r: Run = qsnap_main(["-i", image, "compact"])  # type: ignore[operator]
+    assert dropped
+    assert r.rc == 11 and "guest data differs" in r.err, r.err
+    assert image.read_bytes() == original
+    assert not (tmp_path / "disk.qcow2.partial").exists() and not list(tmp_path.glob("disk.qcow2.old-*"))

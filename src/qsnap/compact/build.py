@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ class BuildResult:
     prediction: Prediction
     processes: int = 0
     snapshots: int = 0
-    notes: list[str] = field(default_factory=list)
+    verified_bytes: int = 0  # compared while building (snapshot by snapshot)
 
 
 def refuse_unsupported(image: Qcow2Image) -> None:
@@ -181,8 +181,10 @@ def _run_steps(
     checkpoint: Checkpoint,
     progress: Progress | None,
     sparsify: list[tuple[int, int]] | None,
+    verify_state: Callable[[int], None] | None = None,
 ) -> Prediction:
-    """The build (WRITER given) or its dry run (None): both count the same allocations."""
+    """The build (WRITER given) or its dry run (None): both count the same allocations.
+    VERIFY_STATE(k) is called once snapshot k exists in the new image (its data still cached)."""
     cs = image.cluster_size
     span = image.l2_entries * cs
     entries = image.snapshot_entries()
@@ -242,6 +244,8 @@ def _run_steps(
                 writer.snapshot_create(table.placeholder_name(len(raw), new_id))
             ids.append(new_id)
         pred.l1_clusters += -(-l1.size * 8 // cs)
+        if verify_state is not None:
+            verify_state(k)
         checkpoint(f"snapshot-{k + 1}")
         if progress is not None:
             progress("states", k + 1, total)
@@ -304,19 +308,35 @@ def build(
     """Write the compacted copy of IMAGE into OUTPUT (which must not exist)."""
     refuse_unsupported(image)
     writer = QemuWriter(output, workdir, v3=image.header.version >= 3)
+    source_entries = image.snapshot_entries()
+    verified = 0
+    buf_s, buf_n = bytearray(_VM_CHUNK), bytearray(_VM_CHUNK)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnap-verify")
+
+    def verify_state(k: int) -> None:
+        """Snapshot k of the new image against the source's, right after QEMU made it: its
+        data is still in the page cache, and a snapshot's clusters never change afterwards
+        (the final verify() checks the metadata, after the table is rewritten)."""
+        nonlocal verified
+        with Qcow2Image(output) as new:
+            verified += verify_data(image, new, source_entries[: k + 1], new.snapshot_entries(), buf_s, buf_n,
+                                    pool, None, start=k, stop=k + 1)
+
     try:
         writer.create(image.virtual_size, create_options(image), _backing(image))
         checkpoint("created")
-        pred = _run_steps(image, Planner(image, compress=compress), writer, checkpoint, progress, sparsify)
+        pred = _run_steps(image, Planner(image, compress=compress), writer, checkpoint, progress, sparsify,
+                          verify_state)
     finally:
         writer.cleanup()
+        pool.shutdown(wait=True)
     _cut_free_tail(output)
     fd = os.open(output, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return BuildResult(pred, writer.processes, len(image.snapshot_entries()))
+    return BuildResult(pred, writer.processes, len(image.snapshot_entries()), verified)
 
 
 # ------------------------------------------------------------------ verification
@@ -367,13 +387,14 @@ def _same(source: Qcow2Image, new: Qcow2Image, a: fmt.SnapshotEntry | None, b: f
     return buf_s[:n] == buf_n[:n]
 
 
-def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None) -> int:
+def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None, *, start: int = 0) -> int:
     """Every snapshot (metadata, guest data, VM state) and the current state of NEW equal
     SOURCE's; VerificationFailed naming the first difference. Returns the bytes compared.
 
     Induction over the states in table order: where neither image's L2 entries changed since
     the previous state, both still hold what was compared equal there; elsewhere the bytes are
-    compared."""
+    compared. START: the states before it (table positions) were verified already, while the
+    image was built (a snapshot's clusters never change once it exists)."""
     se, ne = source.snapshot_entries(), new.snapshot_entries()
     if len(se) != len(ne):
         raise VerificationFailed(f"The compacted image has {len(ne)} snapshots instead of {len(se)}.")
@@ -386,20 +407,27 @@ def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None
                     f"{getattr(x, f)!r} in the original.")
     buf_s, buf_n = bytearray(_VM_CHUNK), bytearray(_VM_CHUNK)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnap-verify") as pool:
-        return _verify_states(source, new, se, ne, buf_s, buf_n, pool, progress)
+        return verify_data(source, new, se, ne, buf_s, buf_n, pool, progress, start=start)
 
 
-def _verify_states(
+def verify_data(
     source: Qcow2Image, new: Qcow2Image, se: tuple[fmt.SnapshotEntry, ...], ne: tuple[fmt.SnapshotEntry, ...],
     buf_s: bytearray, buf_n: bytearray, pool: ThreadPoolExecutor, progress: Progress | None,
+    *, start: int = 0, stop: int | None = None,
 ) -> int:
+    """Guest data and VM state of the states [START, STOP) (positions in SE/NE; len(SE) is the
+    current state), by induction from state START-1, whose equality is taken as known."""
     cs = source.cluster_size
     span = source.l2_entries * cs
     compared = 0
     prev_s: Layer | None = None
     prev_n: Layer | None = None
     states: list[tuple[fmt.SnapshotEntry | None, fmt.SnapshotEntry | None]] = [*zip(se, ne, strict=True), (None, None)]
-    for k, (a, b) in enumerate(states):
+    stop = len(states) if stop is None else stop
+    if start > 0:
+        prev_s, prev_n = source.layer(se[start - 1]), new.layer(ne[start - 1])
+    for k in range(start, stop):
+        a, b = states[k]
         ls = source.layer(a) if a is not None else source.active
         ln = new.layer(b) if b is not None else new.active
         label = f"snapshot {a.name!r} (ID {a.id})" if a is not None else "the current state"

@@ -287,8 +287,8 @@ def _rebuild(
                 raise VerificationFailed(
                     f"qemu-img check of the compacted image found {checked.corruptions} corruptions, "
                     f"{checked.leaks} leaked clusters and {checked.check_errors} errors; {path} was not changed.")
-            with open_image(partial) as new:
-                verified = verify(src, new, progress)
+            with open_image(partial) as new:  # the metadata, and the current state's data
+                verified = result.verified_bytes + verify(src, new, progress, start=len(entries))
             _checkpoint("verified")
         except OSError as exc:
             _discard(partial, work)
