@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qsnap.core.errors import GuestFsError
+from qsnap.core.errors import CorruptImage, GuestFsError
 from qsnap.core.models import Snapshot
 from qsnap.guestfs import extformat as ef
 from qsnap.guestfs.device import CachedDevice, Qcow2Device, Slice
@@ -233,13 +233,13 @@ class _FileDiff:
             for side in (self.a, self.b):
                 try:
                     self._explain_inode(side, side.inode(ino))
-                except (GuestFsError, ValueError):
+                except (GuestFsError, CorruptImage, ValueError):
                     continue
         for ino in self.changed_inodes:
             for side in (self.a, self.b):
                 try:
                     self._explain_inode(side, side.inode(ino))
-                except (GuestFsError, ValueError):
+                except (GuestFsError, CorruptImage, ValueError):
                     continue
 
     def _explain_inode(self, side: _Side, inode: Inode) -> None:
