@@ -108,8 +108,9 @@ def test_extract_matches_rdump(variant: str, built_fs: Callable[[str], Built],
     if os.geteuid() == 0:
         assert (owned.st_uid, owned.st_gid) == (1000, 100)
         assert report["owners"] is True
-    entries = ls_json(qsnap_main, built.qcow2, "s1:/small.txt")["entries"]
-    assert (dest / "small.txt").stat().st_mtime_ns // 1_000_000_000 == entries[0]["mtime"]  # type: ignore[index]
+    times = {e["path"]: e["mtime"] for e in ls_json(qsnap_main, built.qcow2, "s1:/", "-R")["entries"]}  # type: ignore[attr-defined]
+    for path in ("/small.txt", "/links/long", "/emptydir", "/links", "/deep/level00"):  # dirs: set after their children
+        assert os.lstat(dest / path.lstrip("/")).st_mtime_ns // 1_000_000_000 == times[path], path
     if variant in HTREE_VARIANTS:
         assert len(os.listdir(dest / "htree")) == HTREE_VARIANTS[variant]
 
