@@ -14,6 +14,7 @@ whatever the image size.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,6 +77,7 @@ class QemuWriter:
         self._files: list[Path] = []
         self._fds: list[int] = []
         self._memfd = hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
+        self._spare: queue.SimpleQueue[int] = queue.SimpleQueue()  # memfds of finished batches
         self._bytes = 0
         self._serial = 0
         self.processes = 0
@@ -124,7 +126,10 @@ class QemuWriter:
     def _stage(self, data: bytes | memoryview) -> str:
         self._serial += 1
         if self._memfd:
-            fd = os.memfd_create(f"qsnap-compact-{self._serial}", os.MFD_CLOEXEC)
+            try:  # a memfd a finished batch gave back: its pages are already there
+                fd = self._spare.get_nowait()
+            except queue.Empty:
+                fd = os.memfd_create(f"qsnap-compact-{self._serial}", os.MFD_CLOEXEC)
             self._fds.append(fd)
             name = f"/proc/{os.getpid()}/fd/{fd}"
         else:
@@ -134,8 +139,10 @@ class QemuWriter:
             name = str(path)
         try:
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            pos = 0
+            while view:  # from offset 0: qemu-io reads the first len(data) bytes of the file
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
         finally:
             if not self._memfd:
                 os.close(fd)
@@ -173,7 +180,9 @@ class QemuWriter:
         try:
             result = proc.run(qemu_io_argv(self.path, commands), check=False)
         finally:
-            _release(files, fds)
+            _release(files, [])
+            for fd in fds:
+                self._spare.put(fd)
         self.processes += 1
         self._start_writeback()
         # qemu-io exits 0 even when a -c command fails: its error text is the evidence
@@ -229,6 +238,11 @@ class QemuWriter:
             if self._sync_fd >= 0:
                 os.close(self._sync_fd)
                 self._sync_fd = -1
+            while True:
+                try:
+                    self._fds.append(self._spare.get_nowait())
+                except queue.Empty:
+                    break
             _release(self._files, self._fds)
             self._files, self._fds = [], []
             shutil.rmtree(self.workdir, ignore_errors=True)
