@@ -39,6 +39,7 @@ class Change:
     type: str
     changes: tuple[str, ...] = ()  # modified: content, size, mode, owner, mtime, type, target, translator
     renamed_from: str | None = None
+    ino: int = 0  # the inode on its side (B for added, A for removed): renames pair them without a lookup
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "kind": self.kind, "type": self.type}
@@ -353,11 +354,11 @@ class _FileDiff:
 
     def added_tree(self, path: str, ino: int) -> None:
         for sub, inode in self._subtree(self.b, path, ino):
-            self.report.changes.append(Change(sub, "added", inode.file_type))
+            self.report.changes.append(Change(sub, "added", inode.file_type, ino=inode.ino))
 
     def removed_tree(self, path: str, ino: int) -> None:
         for sub, inode in self._subtree(self.a, path, ino):
-            self.report.changes.append(Change(sub, "removed", inode.file_type))
+            self.report.changes.append(Change(sub, "removed", inode.file_type, ino=inode.ino))
 
     def _subtree(self, side: _Side, path: str, ino: int) -> Iterator[tuple[str, Inode]]:
         stack = [(path, ino)]
@@ -380,9 +381,7 @@ class _FileDiff:
         removed: dict[int, Change] = {}
         for c in self.report.changes:
             if c.kind == "removed":
-                ino = self._ino_of(self.a, c.path)
-                if ino is not None:
-                    removed.setdefault(ino, c)
+                removed.setdefault(c.ino, c)
         if not removed:
             return
         kept: list[Change] = []
@@ -390,23 +389,20 @@ class _FileDiff:
         for c in self.report.changes:
             if c.kind != "added":
                 continue
-            ino = self._ino_of(self.b, c.path)
-            old = removed.get(ino) if ino is not None else None
-            if old is not None and ino is not None and old.path not in renamed_from and \
+            ino = c.ino
+            old = removed.get(ino)
+            if old is not None and old.path not in renamed_from and \
                     _same_file(self.a.inode(ino), self.b.inode(ino)):
                 renamed_from[old.path] = c
+        old_of = {id(new): old_path for old_path, new in renamed_from.items()}
         for c in self.report.changes:
             if c.kind == "removed" and c.path in renamed_from:
                 continue
-            if c.kind == "added" and any(r is c for r in renamed_from.values()):
-                old_path = next(p for p, r in renamed_from.items() if r is c)
-                kept.append(Change(c.path, "renamed", c.type, (), old_path))
+            if c.kind == "added" and id(c) in old_of:
+                kept.append(Change(c.path, "renamed", c.type, (), old_of[id(c)], c.ino))
                 continue
             kept.append(c)
         self.report.changes = kept
-
-    def _ino_of(self, side: _Side, path: str) -> int | None:
-        return self._lookup(side, path)
 
     # -- 3. changed blocks nothing explains: check every file's blocks
     def unexplained(self) -> bool:
