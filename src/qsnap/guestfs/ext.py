@@ -20,7 +20,7 @@ looping, names holding ``/`` or NUL. Nothing here writes, prints or spawns a pro
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from qsnap.core.errors import CorruptFilesystem, GuestFsError
@@ -129,6 +129,15 @@ class DirEntry(NamedTuple):
     name: bytes
     ino: int
     file_type: str | None  # from the entry (filetype feature), else None: ask the inode
+
+
+class BlockCache:
+    """Decoded directory blocks shared between two states: UNCHANGED(block) says a block reads the
+    same in both, so its entries (keyed by directory inode and block) are decoded once."""
+
+    def __init__(self, unchanged: Callable[[int], bool]) -> None:
+        self.unchanged = unchanged
+        self.entries: dict[tuple[int, int], list[DirEntry]] = {}
 
 
 class Run(NamedTuple):
@@ -637,8 +646,11 @@ class ExtFilesystem:
 
     # ------------------------------------------------------------------ directories ("Directory Entries")
 
-    def dir_entries(self, inode: Inode) -> list[DirEntry]:
-        """The entries of directory INODE, '.' and '..' included, in on-disk order."""
+    def dir_entries(self, inode: Inode, shared: BlockCache | None = None) -> list[DirEntry]:
+        """The entries of directory INODE, '.' and '..' included, in on-disk order.
+
+        SHARED: entries of blocks known to be the same in another state of this filesystem (a
+        diff decodes an unchanged block of a changed directory once for both sides)."""
         if not inode.is_dir:
             raise GuestFsError(f"Inode {inode.ino} is not a directory.")
         out: list[DirEntry] = []
@@ -660,8 +672,16 @@ class ExtFilesystem:
                 if run.logical + k >= nblocks:
                     break
                 block = run.physical + k
+                if shared is not None:
+                    known = shared.entries.get((inode.ino, block))
+                    if known is not None:
+                        out.extend(known)
+                        continue
+                    start = len(out)
                 raw = self.read_blocks(block, 1, f"directory block of inode {inode.ino}")
                 self._parse_dir_block(raw, inode, out, check_tail=True, block=block)
+                if shared is not None and shared.unchanged(block):
+                    shared.entries[(inode.ino, block)] = out[start:]
         dots = [e.name for e in out if e.name in (b".", b"..")]
         if len(dots) > 2 or len(set(dots)) != len(dots):
             raise CorruptFilesystem(f"Directory inode {inode.ino} holds a second '.' or '..' entry.")

@@ -25,7 +25,7 @@ from qsnap.core.errors import CorruptImage, GuestFsError
 from qsnap.core.models import Snapshot
 from qsnap.guestfs import extformat as ef
 from qsnap.guestfs.device import CachedDevice, Qcow2Device, Slice
-from qsnap.guestfs.ext import DirEntry, ExtFilesystem, Inode
+from qsnap.guestfs.ext import BlockCache, DirEntry, ExtFilesystem, Inode
 from qsnap.guestfs.partitions import choose_partition, read_partitions
 from qsnap.service.guestfiles import RUNNING_WARNING, decode_name, join, normalize
 from qsnap.service.image import check_image_file
@@ -171,6 +171,7 @@ class _FileDiff:
     def __init__(self, a: _Side, b: _Side, changed: BlockSet, report: FileDiffReport) -> None:
         self.a, self.b, self.changed, self.report = a, b, changed, report
         self.changed_inodes: set[int] = set()
+        self.shared = BlockCache(lambda block: not changed.touches(block, 1))
         self.explained: list[tuple[int, int]] = []
 
     # -- 1. inodes whose table slots changed
@@ -260,7 +261,7 @@ class _FileDiff:
     def entries(self, side: _Side, inode: Inode) -> dict[bytes, DirEntry]:
         self.report.directories_decoded += 1
         self._explain_inode(side, inode)  # its blocks are compared here, whatever its inode says
-        return {e.name: e for e in side.fs.dir_entries(inode) if e.name not in (b".", b"..")}
+        return {e.name: e for e in side.fs.dir_entries(inode, self.shared) if e.name not in (b".", b"..")}
 
     def dir_unchanged(self, ino: int, inode: Inode) -> bool:
         if ino in self.changed_inodes:
@@ -310,9 +311,12 @@ class _FileDiff:
                     stack.append((join(path, decode_name(name)), entry.ino, entry.ino, entry.file_type))
                 continue
             entries_a = self.entries(self.a, node_a)
+            changed = self.changed_inodes
             for name in sorted(set(entries_a) | set(entries_b), reverse=True):
                 ea, eb = entries_a.get(name), entries_b.get(name)
                 kind = eb.file_type if eb is not None and ea is not None and ea.file_type == eb.file_type else None
+                if kind not in (None, "dir") and ea.ino == eb.ino and eb.ino not in changed:  # type: ignore[union-attr]
+                    continue  # the same unchanged file on both sides
                 stack.append((join(path, decode_name(name)), ea.ino if ea else None, eb.ino if eb else None, kind))
 
     def compare_nodes(self, path: str, na: Inode, nb: Inode) -> None:
