@@ -89,10 +89,15 @@ def cmd_parts(inv: Invocation) -> int:
     return 0
 
 
-def _mode_string(info: FileInfo) -> str:
-    import stat
+_MODES: dict[int, str] = {}
 
-    text = stat.filemode(info.mode & 0xFFFF)
+
+def _mode_string(info: FileInfo) -> str:
+    text = _MODES.get(info.mode & 0xFFFF)
+    if text is None:
+        import stat
+
+        text = _MODES[info.mode & 0xFFFF] = stat.filemode(info.mode & 0xFFFF)
     if info.translator:
         text += "t"  # a passive translator, as the Hurd's ls shows it with its own flag
     return text
@@ -153,8 +158,14 @@ def cmd_ls(inv: Invocation) -> int:
                            "filesystem": fs.describe(), "entries": [e.to_json() for e in entries],
                            "warnings": state.warnings})
             return 0
-        for info in entries:
-            inv.out(_format_entry(info, inv.args.long, inv.args.recursive))
+        lines: list[str] = []
+        for info in entries:  # written in batches: one write per line costs as much as the listing
+            lines.append(_format_entry(info, inv.args.long, inv.args.recursive))
+            if len(lines) >= 4096:
+                inv.out("\n".join(lines))
+                lines.clear()
+        if lines:
+            inv.out("\n".join(lines))
     return 0
 
 
