@@ -193,11 +193,82 @@ def test_compact_refuses_an_image_in_use(qsnap_main: Main, tmp_path: Path, qemus
     assert not list(tmp_path.glob("*.partial*"))
 
 
-def test_sparsify_is_not_available_yet(qsnap_main: Main, tmp_path: Path) -> None:
+def _fs_image_with_deleted_file(tmp_path: Path) -> tuple[Path, Path]:
+    """An MBR disk with an ext4 partition; snapshot s1 holds a 6 MiB file that the current state has
+    deleted (its blocks still hold data but are free in the bitmap), plus a kept file."""
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(6 << 20))
+    (src / "kept.txt").write_bytes(b"keep me\n" * 1000)
+    fs = tmp_path / "fs.raw"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(src), str(fs), "24M"], check=True)
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["sfdisk", "-q", str(disk)], input=b"label: dos\nstart=2048, type=83\n", check=True)
+    data = fs.read_bytes()
+    with open(disk, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(data)
+    image = tmp_path / "disk.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(disk), str(image))
+    qemu_img("snapshot", "-c", "s1", str(image))
+    subprocess.run(["debugfs", "-w", "-R", "rm /big.bin", str(fs)], check=True, capture_output=True)
+    with open(disk, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(fs.read_bytes())
+    qemu_img("convert", "-n", "-f", "raw", "-O", "qcow2", str(disk), str(image))
+    return image, fs
+
+
+def test_sparsify_zeroes_free_guest_blocks_of_the_current_state_only(qsnap_main: Main, tmp_path: Path) -> None:
+    import subprocess
+
+    image, fs = _fs_image_with_deleted_file(tmp_path)
+    plain = copy(image, tmp_path / "plain.qcow2")
+    original = copy(image, tmp_path / "original.qcow2")
+    rc, dry, err = compact_json(qsnap_main, image, "--dry-run", "--sparsify")
+    assert rc == 0, err
+    assert dry["savings"]["free_guest_blocks"] >= 5 << 20  # the deleted file's blocks
+    rc, done, err = compact_json(qsnap_main, image, "--sparsify")
+    assert rc == 0, err
+    assert done["savings"]["free_guest_blocks"] == dry["savings"]["free_guest_blocks"]
+    check_clean(image)
+    rc, _, err = compact_json(qsnap_main, plain)
+    assert rc == 0, err
+    size = image.stat().st_size
+    assert size <= plain.stat().st_size - (5 << 20)  # the free blocks' data is gone, not just moved
+    assert abs(size - dry["predicted_size"]) <= 0.02 * size, (size, dry["predicted_size"])
+    # the snapshot is untouched, byte for byte (qemu-img's view)
+    work = tmp_path / "raw"
+    work.mkdir()
+    for src, tag in ((original, "a"), (image, "b")):
+        qemu_img("convert", "-f", "qcow2", "-O", "raw", "-l", "snapshot.name=s1", str(src), str(work / f"{tag}.raw"))
+    assert qemu_img("compare", "-f", "raw", "-F", "raw", str(work / "a.raw"), str(work / "b.raw"),
+                    check=False).returncode == 0
+    # the current state: every file the same, the filesystem clean (the real e2fsck), free blocks now zeros
+    rc, listing_new, _ = qsnap_main(["-i", image, "ls", "-R", "--json", "@current:/"])
+    rc2, listing_old, _ = qsnap_main(["-i", original, "ls", "-R", "--json", "@current:/"])
+    assert rc == rc2 == 0
+    assert json.loads(listing_new)["entries"] == json.loads(listing_old)["entries"]
+    rc, out, _ = qsnap_main(["-i", image, "cat", "@current:/kept.txt"])
+    assert rc == 0 and out == "keep me\n" * 1000
+    qemu_img("convert", "-f", "qcow2", "-O", "raw", str(image), str(work / "cur.raw"))
+    part = (work / "cur.raw").read_bytes()[1 << 20 : (1 << 20) + (24 << 20)]
+    (work / "cur-fs.raw").write_bytes(part)
+    assert subprocess.run(["e2fsck", "-fn", str(work / "cur-fs.raw")], capture_output=True).returncode == 0
+    assert (work / "cur-fs.raw").read_bytes() != fs.read_bytes()  # the deleted file's data is gone ...
+    rc, out, _ = qsnap_main(["-i", image, "diff", "--files", "@current", "s1"])
+    assert rc == 0 and "A  /big.bin" in out  # ... and s1 still has the file
+
+
+def test_sparsify_refuses_a_disk_without_an_ext_filesystem(qsnap_main: Main, tmp_path: Path) -> None:
     image = history(tmp_path / "disk.qcow2")
     before = image.read_bytes()
     rc, _out, err = qsnap_main(["-i", image, "compact", "--sparsify"])
-    assert rc == 2 and "--sparsify is not available yet" in err
+    assert rc == 14 and "no ext2/ext3/ext4 filesystem" in err, err
     assert image.read_bytes() == before
 
 

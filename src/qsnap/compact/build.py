@@ -375,19 +375,43 @@ def _runs(indices: list[int], limit: int) -> Iterator[tuple[int, int]]:
 
 
 def _same(source: Qcow2Image, new: Qcow2Image, a: fmt.SnapshotEntry | None, b: fmt.SnapshotEntry | None,
-          guest: int, n: int, buf_s: bytearray, buf_n: bytearray, pool: ThreadPoolExecutor) -> bool:
+          guest: int, n: int, buf_s: bytearray, buf_n: bytearray, pool: ThreadPoolExecutor,
+          zeroed: _Zeroed | None = None) -> bool:
     """Whether N guest bytes at GUEST read the same in both: the two images are read at once
     (the source on POOL's thread: each image object is used by one thread at a time), into
-    reused buffers compared by memcmp."""
+    reused buffers compared by memcmp. ZEROED: ranges the new image must read as zeros instead
+    (--sparsify's free guest blocks, current state only)."""
     reading = pool.submit(source.readinto, guest, memoryview(buf_s)[:n], a, zeroed=False)
     new.readinto(guest, memoryview(buf_n)[:n], b, zeroed=False)
     reading.result()
+    if zeroed is not None:
+        for lo, hi in zeroed.overlapping(guest, guest + n):
+            buf_s[lo - guest : hi - guest] = bytes(hi - lo)
     if n == len(buf_s):
         return buf_s == buf_n
     return buf_s[:n] == buf_n[:n]
 
 
-def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None, *, start: int = 0) -> int:
+class _Zeroed:
+    """Sorted, disjoint (offset, length) ranges with an overlap query."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.starts = [o for o, _ in ranges]
+        self.ranges = ranges
+
+    def overlapping(self, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+        import bisect
+
+        i = max(0, bisect.bisect_right(self.starts, lo) - 1)
+        while i < len(self.ranges) and self.ranges[i][0] < hi:
+            start, length = self.ranges[i]
+            if start + length > lo:
+                yield max(lo, start), min(hi, start + length)
+            i += 1
+
+
+def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None, *, start: int = 0,
+           sparsified: list[tuple[int, int]] | None = None) -> int:
     """Every snapshot (metadata, guest data, VM state) and the current state of NEW equal
     SOURCE's; VerificationFailed naming the first difference. Returns the bytes compared.
 
@@ -407,13 +431,14 @@ def verify(source: Qcow2Image, new: Qcow2Image, progress: Progress | None = None
                     f"{getattr(x, f)!r} in the original.")
     buf_s, buf_n = bytearray(_VM_CHUNK), bytearray(_VM_CHUNK)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnap-verify") as pool:
-        return verify_data(source, new, se, ne, buf_s, buf_n, pool, progress, start=start)
+        return verify_data(source, new, se, ne, buf_s, buf_n, pool, progress, start=start,
+                           zeroed=_Zeroed(sparsified) if sparsified else None)
 
 
 def verify_data(
     source: Qcow2Image, new: Qcow2Image, se: tuple[fmt.SnapshotEntry, ...], ne: tuple[fmt.SnapshotEntry, ...],
     buf_s: bytearray, buf_n: bytearray, pool: ThreadPoolExecutor, progress: Progress | None,
-    *, start: int = 0, stop: int | None = None,
+    *, start: int = 0, stop: int | None = None, zeroed: _Zeroed | None = None,
 ) -> int:
     """Guest data and VM state of the states [START, STOP) (positions in SE/NE; len(SE) is the
     current state), by induction from state START-1, whose equality is taken as known."""
@@ -441,7 +466,7 @@ def verify_data(
             for first, run in _runs(sorted(changed), max(1, _VM_CHUNK // cs)):
                 guest = start + first * cs
                 n = min(run * cs, disk - guest)
-                if not _same(source, new, a, b, guest, n, buf_s, buf_n, pool):
+                if not _same(source, new, a, b, guest, n, buf_s, buf_n, pool, zeroed if a is None else None):
                     raise VerificationFailed(f"{label}: guest data differs in the range at {guest:#x}.")
                 compared += n
         if a is not None and b is not None and a.vm_state_size:

@@ -333,17 +333,23 @@ def _overlay_zero(ops: Iterator[Op], zero: list[tuple[int, int]], zero_kind: str
     """Ops with the ZERO ranges turned into zero ops (for --sparsify): data ops are cut around
     them, and the zero ranges are emitted where no op covered them."""
     events: list[Op] = []
+    starts = [o for o, _ in zero]
     for op in ops:
-        events.extend(_cut(op, zero))
+        events.extend(_cut(op, zero, starts))
     events.extend(Op(o, n, zero_kind) for o, n in zero)
     events.sort(key=lambda op: op.offset)
     return iter(events)
 
 
-def _cut(op: Op, zero: list[tuple[int, int]]) -> Iterator[Op]:
+def _cut(op: Op, zero: list[tuple[int, int]], starts: list[int]) -> Iterator[Op]:
+    import bisect
+
     pos, end = op.offset, op.offset + op.length
-    for zo, zn in zero:
-        if zo + zn <= pos or zo >= end:
+    for i in range(max(0, bisect.bisect_right(starts, pos) - 1), len(zero)):
+        zo, zn = zero[i]
+        if zo >= end:
+            break
+        if zo + zn <= pos:
             continue
         if zo > pos:
             yield Op(pos, zo - pos, op.kind)

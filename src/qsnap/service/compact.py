@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from qsnap.core.errors import CorruptImage, ImageError, ImageInUse, UsageError, VerificationFailed
+from qsnap.core.errors import CorruptImage, GuestFsError, ImageError, ImageInUse, UsageError, VerificationFailed
 from qsnap.service.snapshots import DEFAULT_CONTEXT, Context
 
 KILL_AT_ENV = "QSNAP_COMPACT_KILL_AT"  # test hook: SIGKILL this process at the named checkpoint
@@ -177,31 +177,55 @@ def compact(
     from qsnap.service.image import check_image_file
     from qsnap.service.space import account_image
 
-    if sparsify:
-        raise UsageError(
-            "--sparsify is not available yet: compact does not read the guest filesystem's free-block "
-            "maps (qsnap.guestfs) yet; nothing was changed.",
-            hint="run compact without --sparsify",
-        )
     path = check_image_file(Path(image).absolute())
     started = time.monotonic()
     if dry_run:
         found = _findings(path, clean=False)
         with open_image(path) as src:
             space = account_image(src)
-            pred = predict(src, compress=compress)
+            free = _free_ranges(src) if sparsify else None
+            pred = predict(src, compress=compress, sparsify=free)
             entries = src.snapshot_entries()
+            reclaimed = _sparsify_savings(src, free)
         return CompactReport(
             image=path, dry_run=True, file_size=space.file_size, predicted_size=pred.size, new_size=None,
-            savings=_savings(space, space.file_size, pred.size, pred.zero_bytes, 0),
+            savings=_savings(space, space.file_size, pred.size, pred.zero_bytes, reclaimed),
             snapshots=len(entries), vm_state_snapshots=sum(1 for e in entries if e.vm_state_size),
             found=tuple(found), seconds=time.monotonic() - started, prediction=pred.to_json(),
         )
-    return _compact(path, compress=compress, keep_old=keep_old, ctx=ctx, progress=progress, started=started)
+    return _compact(path, compress=compress, sparsify=sparsify, keep_old=keep_old, ctx=ctx, progress=progress,
+                    started=started)
+
+
+def _free_ranges(src: Any) -> list[tuple[int, int]]:
+    """--sparsify: the current state's free guest filesystem blocks, whole clusters only."""
+    from qsnap.service.sparsify import free_guest_ranges
+
+    free = free_guest_ranges(src, None, align=src.cluster_size)
+    if not free.filesystems:
+        raise GuestFsError("--sparsify found no ext2/ext3/ext4 filesystem in the current state "
+                           f"({'; '.join(free.skipped) or 'no partitions'}); nothing was changed.",
+                           hint="run compact without --sparsify")
+    return free.ranges
+
+
+def _sparsify_savings(src: Any, free: list[tuple[int, int]] | None) -> int:
+    """Bytes of the current state that --sparsify turns into zero clusters and that hold data now
+    (free blocks already reading as zeros would be zero clusters anyway)."""
+    if not free:
+        return 0
+    from qsnap.qcow2.image import COMPRESSED, DATA
+
+    total = 0
+    for offset, length in free:
+        for ext in src.iter_extents(None, offset, offset + length):
+            if ext.kind in (DATA, COMPRESSED):
+                total += ext.length
+    return total
 
 
 def _compact(
-    path: Path, *, compress: bool, keep_old: bool, ctx: Context,
+    path: Path, *, compress: bool, sparsify: bool, keep_old: bool, ctx: Context,
     progress: Callable[[str, int, int], None] | None, started: float,
 ) -> CompactReport:
     from qsnap.engines import qemu_img
@@ -228,7 +252,8 @@ def _compact(
             _wait_unlocked(path)
             rec.details["vm_stopped"] = controller.name
         try:
-            report = _rebuild(path, compress=compress, keep_old=keep_old, progress=progress, started=started)
+            report = _rebuild(path, compress=compress, sparsify=sparsify, keep_old=keep_old, progress=progress,
+                              started=started)
         finally:
             if controller is not None:
                 controller.start()
@@ -255,7 +280,7 @@ def _with(report: CompactReport, **changes: Any) -> CompactReport:
 
 
 def _rebuild(
-    path: Path, *, compress: bool, keep_old: bool, progress: Callable[[str, int, int], None] | None,
+    path: Path, *, compress: bool, sparsify: bool, keep_old: bool, progress: Callable[[str, int, int], None] | None,
     started: float,
 ) -> CompactReport:
     from qsnap.backup.partial import InsufficientSpace, check_space
@@ -279,8 +304,11 @@ def _rebuild(
         reachable = space.allocated_bytes - space.leaked_bytes
         needed = int(reachable * 1.02) + min(STAGING, reachable) + (1 << 20)
         check_space(path.parent, needed, f"the compacted copy of {path.name}")
+        free = _free_ranges(src) if sparsify else None
+        reclaimed = _sparsify_savings(src, free)
         try:
-            result = build(src, partial, work, compress=compress, checkpoint=_checkpoint, progress=progress)
+            result = build(src, partial, work, compress=compress, sparsify=free, checkpoint=_checkpoint,
+                           progress=progress)
             _checkpoint("built")
             checked = qemu_img.check(partial)
             if checked.corruptions or checked.leaks or checked.check_errors:
@@ -288,7 +316,7 @@ def _rebuild(
                     f"qemu-img check of the compacted image found {checked.corruptions} corruptions, "
                     f"{checked.leaks} leaked clusters and {checked.check_errors} errors; {path} was not changed.")
             with open_image(partial) as new:  # the metadata, and the current state's data
-                verified = result.verified_bytes + verify(src, new, progress, start=len(entries))
+                verified = result.verified_bytes + verify(src, new, progress, start=len(entries), sparsified=free)
             _checkpoint("verified")
         except OSError as exc:
             _discard(partial, work)
@@ -334,7 +362,7 @@ def _rebuild(
     return CompactReport(
         image=path, dry_run=False, file_size=st.st_size, predicted_size=result.prediction.size,
         new_size=new_size,
-        savings=_savings(space, st.st_size, new_size, result.prediction.zero_bytes, 0),
+        savings=_savings(space, st.st_size, new_size, result.prediction.zero_bytes, reclaimed),
         snapshots=len(entries), vm_state_snapshots=sum(1 for e in entries if e.vm_state_size),
         kept_old=kept, found=tuple(found), verified_bytes=verified,
         seconds=time.monotonic() - started, prediction=result.prediction.to_json(),

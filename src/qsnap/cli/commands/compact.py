@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--compress", action="store_true",
                    help="store data clusters compressed (the image's compression type: zlib or zstd)")
     p.add_argument("--sparsify", action="store_true",
-                   help="turn blocks the guest filesystem marks free into zeros (not available yet)")
+                   help="turn blocks the current state's ext2/3/4 filesystems mark free into zero clusters "
+                   "(snapshots untouched)")
     p.add_argument("-n", "--dry-run", action="store_true",
                    help="only predict the new size and where the savings come from; change nothing")
     p.add_argument("--keep-old", action="store_true",
