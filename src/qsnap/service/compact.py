@@ -142,11 +142,9 @@ def _checkpoint(name: str) -> None:
 
 
 def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    from qsnap.core.fsutil import fsync_dir
+
+    fsync_dir(directory)
 
 
 def _savings(space: Any, file_size: int, predicted: int, zero: int, sparsify: int) -> Savings:

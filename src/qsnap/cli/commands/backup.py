@@ -210,13 +210,18 @@ def cmd_verify(inv: Invocation) -> int:
 def _against(inv: Invocation, backup: Path) -> tuple[Path, Any]:
     """The source snapshot a backup was made from, per its manifest, in IMAGE."""
     from qsnap.backup import load_manifest
+
+    return against_snapshot(inv.args.against, str(backup), load_manifest(backup))
+
+
+def against_snapshot(against: str, backup: str, manifest: dict[str, Any] | None) -> tuple[Path, Any]:
+    """IMAGE (--against) and the snapshot in it that MANIFEST says BACKUP was made from (local or remote)."""
     from qsnap.core.errors import SnapshotNotFound, VerificationFailed
     from qsnap.engines import qemu_img
 
-    manifest = load_manifest(backup)
     if manifest is None:
-        raise VerificationFailed(f"Backup {backup} has no qsnap manifest.")
-    image = Path(inv.args.against)
+        raise VerificationFailed(f"Backup {backup} has no qsnap manifest (an incomplete backup).")
+    image = Path(against)
     wanted = (manifest.get("source") or {}).get("snapshot")
     if wanted is None:
         return image, None

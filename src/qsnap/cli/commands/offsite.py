@@ -51,19 +51,9 @@ def _remote(text: str) -> Any:
 
 
 def _against(inv: Invocation, manifest: dict[str, Any] | None) -> tuple[Path, Any]:
-    from qsnap.core.errors import SnapshotNotFound, VerificationFailed
-    from qsnap.engines import qemu_img
+    from qsnap.cli.commands.backup import against_snapshot
 
-    if manifest is None:
-        raise VerificationFailed(f"Backup {inv.args.backup} has no qsnap manifest (an incomplete backup).")
-    image = Path(inv.args.against)
-    wanted = (manifest.get("source") or {}).get("snapshot")
-    if wanted is None:
-        return image, None
-    for snap in qemu_img.list_snapshots(image):
-        if (snap.id, snap.name, snap.date_iso) == (wanted["id"], wanted["name"], wanted["date"]):
-            return image, snap
-    raise SnapshotNotFound(f"Snapshot {wanted['name']!r} (ID {wanted['id']}) of the backup is not in {image}.")
+    return against_snapshot(inv.args.against, inv.args.backup, manifest)
 
 
 def cmd_verify_remote(inv: Invocation) -> int:
