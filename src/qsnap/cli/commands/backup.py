@@ -183,7 +183,6 @@ def cmd_backup(inv: Invocation) -> int:
 def cmd_verify(inv: Invocation) -> int:
     from qsnap.backup import verify_backup
     from qsnap.backup.targets import is_remote
-    from qsnap.core.errors import VerificationFailed
 
     if is_remote(inv.args.backup):
         from qsnap.cli.commands.offsite import cmd_verify_remote
@@ -192,8 +191,16 @@ def cmd_verify(inv: Invocation) -> int:
     path = Path(inv.args.backup)
     against = _against(inv, path) if inv.args.against else None
     secret = passphrase(inv, needed=_is_encrypted_backup(path))
+    return report_verify(inv, lambda: verify_backup(path, against=against, passphrase=secret,
+                                                    progress=progress_for(inv)))
+
+
+def report_verify(inv: Invocation, run: Callable[[], Any]) -> int:
+    """Run a verification and print its report (also the failed one's, with --json), local or remote."""
+    from qsnap.core.errors import VerificationFailed
+
     try:
-        report = verify_backup(path, against=against, passphrase=secret, progress=progress_for(inv))
+        report = run()
     except VerificationFailed as exc:
         failed_report = getattr(exc, "report", None)
         if inv.json and failed_report is not None:
@@ -202,7 +209,8 @@ def cmd_verify(inv: Invocation) -> int:
     if inv.json:
         inv.emit_json(report.to_json())
     else:
-        inv.out(f"Backup {report.backup} is OK ({len(report.checks)} checks"
+        shown = getattr(report, "location", None) or report.backup
+        inv.out(f"Backup {shown} is OK ({len(report.checks)} checks"
                 + (f", chain of {len(report.chain)}" if len(report.chain) > 1 else "") + ")")
     return 0
 

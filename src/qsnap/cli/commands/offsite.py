@@ -59,27 +59,15 @@ def _against(inv: Invocation, manifest: dict[str, Any] | None) -> tuple[Path, An
 def cmd_verify_remote(inv: Invocation) -> int:
     from qsnap.backup.offsite import manifest_at, verify_at
     from qsnap.backup.targets import S3Location
-    from qsnap.cli.commands.backup import passphrase, progress_for
-    from qsnap.core.errors import VerificationFailed
+    from qsnap.cli.commands.backup import passphrase, progress_for, report_verify
 
     location = _remote(inv.args.backup)
     manifest = manifest_at(location) if isinstance(location, S3Location) else None
     against = _against(inv, manifest) if inv.args.against and isinstance(location, S3Location) else None
     secret = passphrase(inv, needed=bool(manifest and manifest.get("encryption")))
-    try:
-        report = verify_at(location, snapshot=inv.args.snapshot, against=against if against else inv.args.against,
-                           passphrase=secret, progress=progress_for(inv))
-    except VerificationFailed as exc:
-        failed_report = getattr(exc, "report", None)
-        if inv.json and failed_report is not None:
-            inv.emit_json(failed_report.to_json())
-        raise
-    if inv.json:
-        inv.emit_json(report.to_json())
-    else:
-        inv.out(f"Backup {report.location or report.backup} is OK ({len(report.checks)} checks"
-                + (f", chain of {len(report.chain)}" if len(report.chain) > 1 else "") + ")")
-    return 0
+    return report_verify(inv, lambda: verify_at(location, snapshot=inv.args.snapshot,
+                                                against=against if against else inv.args.against,
+                                                passphrase=secret, progress=progress_for(inv)))
 
 
 def import_remote(inv: Invocation, image: Path) -> int:
