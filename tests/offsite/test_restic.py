@@ -1,7 +1,8 @@
 """Backups into restic repositories with the real restic program: a local repository and one
 served over HTTP by ``rclone serve restic``; import through ``restic dump``, verify with
-``restic check`` + the stream's sha256, and the faults: a repository locked by another restic,
-a wrong password, a missing repository, restic not installed."""
+``restic check`` + the stream's sha256 (and ``--against`` the source snapshot), and the faults:
+a repository locked by another restic, a wrong password, a missing repository, restic not
+installed."""
 
 from __future__ import annotations
 
@@ -92,6 +93,64 @@ def test_rest_server_roundtrip(tmp_path: Path, disk: Path, rest_server: str, res
     assert same_disk(restored, disk, "base", tmp_path)
     rc, out, err = qsnap_main(["verify", target, "--snapshot", "qsnap-snapshot=base"], environ=restic_env)
     assert rc == 0 and "is OK" in out, err
+
+
+def flip_snapshot_byte(image: Path, guest_offset: int) -> None:
+    """Flip one byte of the data cluster the current state shares with its snapshot (written in
+    the file itself: the snapshot keeps its ID, name and date, only its content changes)."""
+    mapping = json.loads(qemu_img("map", "--output=json", "-U", str(image)).stdout)
+    [extent] = [e for e in mapping if e["data"] and e["start"] <= guest_offset < e["start"] + e["length"]]
+    host = extent["offset"] + guest_offset - extent["start"]
+    with open(image, "r+b") as handle:
+        handle.seek(host)
+        byte = handle.read(1)[0]
+        handle.seek(host)
+        handle.write(bytes((byte ^ 0xFF,)))
+
+
+def test_verify_against_compares_the_dump_with_the_source_snapshot(
+    disk: Path, restic_repo: str, restic_env: dict[str, str]
+) -> None:
+    target = f"restic:{restic_repo}"
+    assert qsnap_main(["-i", disk, "backup", "base", target], environ=restic_env).rc == 0
+    rc, out, err = qsnap_main(["verify", target, "--snapshot", "base", "--against", disk, "--json"],
+                              environ=restic_env)
+    assert rc == 0, err
+    checks = {c["name"]: c["ok"] for c in json.loads(out)["checks"]}
+    assert checks == {"manifest": True, "restic check": True, "size": True, "sha256": True, "content": True}
+
+    # the source snapshot's data changes under the same ID, name and date: exit 11 naming the byte
+    at = (8 << 20) + 12345  # inside the random data (4-12 MiB), shared by 'base' and the current state
+    flip_snapshot_byte(disk, at)
+    before = fingerprint(disk), restic(restic_repo, "snapshots", "--json", env=restic_env).stdout
+    rc, _, err = qsnap_main(["verify", target, "--snapshot", "base", "--against", disk], environ=restic_env)
+    assert rc == 11 and one_error_line(err).endswith(f"content: content differs from the source at byte {at}.")
+    rc, out, err = qsnap_main(["verify", target, "--snapshot", "base", "--against", disk, "--json"],
+                              environ=restic_env)
+    assert rc == 11, err
+    failed = [c for c in json.loads(out)["checks"] if not c["ok"]]
+    assert failed == [{"name": "content", "ok": False, "detail": f"content differs from the source at byte {at}"}]
+    assert (fingerprint(disk), restic(restic_repo, "snapshots", "--json", env=restic_env).stdout) == before
+
+
+def test_verify_against_an_image_without_the_snapshot(
+    tmp_path: Path, disk: Path, restic_repo: str, restic_env: dict[str, str]
+) -> None:
+    target = f"restic:{restic_repo}"
+    assert qsnap_main(["-i", disk, "backup", "base", target], environ=restic_env).rc == 0
+    other = tmp_path / "other.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(other), "24M")
+    before = fingerprint(other)
+    # the same error and exit code as for a local backup (cli.commands.backup.against_snapshot)
+    rc, _, err = qsnap_main(["verify", target, "--snapshot", "base", "--against", other], environ=restic_env)
+    assert rc == 3 and one_error_line(err).endswith(f"Snapshot 'base' (ID 1) of the backup is not in {other}.")
+    assert fingerprint(other) == before
+    rc, _, err = qsnap_main(["verify", target, "--snapshot", "base", "--against", tmp_path / "missing.qcow2"],
+                            environ=restic_env)
+    local = tmp_path / "local.raw"
+    assert qsnap_main(["-i", disk, "backup", "base", local], environ=restic_env).rc == 0
+    rc_local, _, err_local = qsnap_main(["verify", local, "--against", tmp_path / "missing.qcow2"])
+    assert (rc, one_error_line(err)) == (rc_local, one_error_line(err_local)) and rc != 0
 
 
 def test_locked_repository_exits_8_and_changes_nothing(

@@ -14,12 +14,13 @@ where the bytes go changes (:mod:`qsnap.backup.targets`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsnap.backup.export import (
     DEFAULT_LEVELS,
@@ -45,6 +46,9 @@ from qsnap.backup.streams import AsyncHash, keep_block_memory
 from qsnap.backup.targets import Location, ResticLocation, S3Location, parse_location
 from qsnap.core.errors import ImageError, OutputExists, QsnapError, TargetError, UsageError, VerificationFailed
 from qsnap.core.models import Snapshot
+
+if TYPE_CHECKING:
+    from qsnap.backup.verify import Against
 
 Progress = Callable[[int, int], None]
 RAW_BLOCK = 4 << 20
@@ -301,14 +305,12 @@ def manifest_at(location: S3Location | ResticLocation, snapshot: str | None = No
 
 
 def verify_at(
-    location: S3Location | ResticLocation, *, snapshot: str | None = None, against: Any = None,
+    location: S3Location | ResticLocation, *, snapshot: str | None = None, against: Against | None = None,
     passphrase: str | None = None, progress: Progress | None = None,
 ) -> VerifyReport:
     """Verify a remote backup; VerificationFailed (11) names what failed."""
     if isinstance(location, ResticLocation):
-        if against is not None:
-            raise UsageError("--against is not supported for restic: backups (their sha256 is checked).")
-        return _verify_restic(location, snapshot, progress)
+        return _verify_restic(location, snapshot, against, progress)
     from qsnap.backup.targets.s3 import S3Target
     from qsnap.backup.verify import verify_source
 
@@ -337,8 +339,14 @@ def verify_at(
                          passphrase=passphrase, progress=progress, chain=tuple(chain), chain_paths=tuple(chain_paths))
 
 
-def _verify_restic(location: ResticLocation, selector: str | None, progress: Progress | None) -> VerifyReport:
+def _verify_restic(
+    location: ResticLocation, selector: str | None, against: Against | None, progress: Progress | None,
+) -> VerifyReport:
+    """``restic check``, then one pass over the ``restic dump`` stream: its sha256 (a thread) and,
+    with AGAINST, its content compared with the source snapshot (the comparison of local ``.raw``
+    backups, :class:`qsnap.backup.verify.RawComparer`)."""
     from qsnap.backup.targets.restic import Restic, read_blocks
+    from qsnap.backup.verify import RawComparer
 
     started = time.monotonic()
     restic = Restic(location)
@@ -350,20 +358,27 @@ def _verify_restic(location: ResticLocation, selector: str | None, progress: Pro
     checks.append(Check("restic check", True))
     total = int(snap.tags.get("size") or 0)
     done = 0
-    digest = AsyncHash("qsnap-restic-verify")
-    try:
+    with contextlib.ExitStack() as stack:
+        comparer = stack.enter_context(RawComparer(against)) if against is not None else None
+        digest = stack.enter_context(AsyncHash("qsnap-restic-verify"))
         with restic.dump(snap) as handle:
             for block in read_blocks(handle, RAW_BLOCK):
                 digest.update(block)
+                if comparer is not None:
+                    comparer.feed(block)  # after a difference: only hashed
                 done += len(block)
                 if progress is not None:
                     progress(done, total)
         sha = digest.hexdigest()
-    finally:
-        digest.close()
-    if snap.complete:
-        checks.append(Check("size", done == total, f"the restored stream has {done} bytes, the tags say {total}"))
-        checks.append(Check("sha256", sha == snap.tags.get("sha256"), "the restored stream's sha256 differs"))
+        if snap.complete:
+            checks.append(Check("size", done == total, f"the restored stream has {done} bytes, the tags say {total}"))
+            checks.append(Check("sha256", sha == snap.tags.get("sha256"), "the restored stream's sha256 differs"))
+        if comparer is not None:
+            def add(name: str, ok: bool, detail: str = "") -> bool:
+                checks.append(Check(name, ok, detail))
+                return ok
+
+            comparer.finish(add)
     report = VerifyReport(Path(snap.file_name), all(c.ok for c in checks), tuple(checks), done,
                           time.monotonic() - started, (Path(snap.file_name),), location=label)
     if not report.ok:

@@ -387,28 +387,58 @@ def _compare_qcow2(path: Path, against: Against, add: Callable[..., bool]) -> No
 
 
 def _compare_raw(path: Path, against: Against, add: Callable[..., bool]) -> None:
-    with _source_reader(against) as source, open(path, "rb", buffering=0) as handle:
-        size = source.virtual_size
-        c = source.cluster_size
-        mine = bytearray(COMPARE_BLOCK)
-        theirs: bytearray | None = None
-        for offset in range(0, size, COMPARE_BLOCK):
-            length = min(COMPARE_BLOCK, size - offset)
-            if len(mine) != length:
-                mine = bytearray(length)
-            got = handle.readinto(mine)
+    with RawComparer(against) as comparer, open(path, "rb", buffering=0) as handle:
+        mine = bytearray(COMPARE_BLOCK)  # reused: fresh buffers cost page faults
+        while (got := handle.readinto(mine)) and comparer.feed(mine if got == len(mine) else mine[:got]):
+            pass
+        comparer.finish(add)
+
+
+class RawComparer:
+    """Compare a raw guest stream (a ``.raw`` backup, a ``restic dump``), fed front to back in
+    pieces of any size, with the source snapshot: one COMPARE_BLOCK of the source in memory at a
+    time; pieces the source maps as zeros are compared with zeros without reading it."""
+
+    def __init__(self, against: Against) -> None:
+        self.source = _source_reader(against)
+        self.offset = 0
+        self.mismatch: str | None = None
+        self.theirs: bytearray | None = None
+
+    def __enter__(self) -> RawComparer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.source.close()
+
+    def feed(self, block: bytes | bytearray) -> bool:
+        """Compare the next BLOCK of the stream; False once a difference was found."""
+        source, c, size = self.source, self.source.cluster_size, self.source.virtual_size
+        pos = 0
+        while self.mismatch is None and pos < len(block):
+            offset = self.offset
+            if offset >= size:
+                self.mismatch = f"the raw backup is longer than the source disk ({size} bytes)"
+                break
+            length = min(len(block) - pos, COMPARE_BLOCK - offset % COMPARE_BLOCK, size - offset)
             if _reads_as_zeros(source, offset // c, -(-(offset + length) // c)):
                 expected: bytes | bytearray = _zeros(length)
             else:
-                expected = theirs = _guest_block(source, offset, length, theirs)
-            if got != length or mine != expected:
-                at = next((k for k in range(got) if mine[k] != expected[k]), got)
-                add("content", False, f"content differs from the source at byte {offset + at}")
-                return
-        if handle.read(1):
-            add("content", False, f"the raw backup is longer than the source disk ({size} bytes)")
-            return
-    add("content", True)
+                expected = self.theirs = _guest_block(source, offset, length, self.theirs)
+            # bytes == bytes is a memcmp; a memoryview compares item by item (60 times slower)
+            mine = block if length == len(block) else block[pos : pos + length]
+            if mine != expected:
+                at = next(k for k in range(length) if mine[k] != expected[k])
+                self.mismatch = f"content differs from the source at byte {offset + at}"
+            self.offset += length
+            pos += length
+        return self.mismatch is None
+
+    def finish(self, add: Callable[..., bool]) -> bool:
+        """Add the "content" check (a stream shorter than the disk differs where it ends)."""
+        if self.mismatch is None and self.offset < self.source.virtual_size:
+            self.mismatch = f"content differs from the source at byte {self.offset} (the raw backup ends there)"
+        return bool(add("content", self.mismatch is None, self.mismatch or ""))
 
 
 class _StreamComparer:

@@ -62,11 +62,12 @@ def cmd_verify_remote(inv: Invocation) -> int:
     from qsnap.cli.commands.backup import passphrase, progress_for, report_verify
 
     location = _remote(inv.args.backup)
-    manifest = manifest_at(location) if isinstance(location, S3Location) else None
-    against = _against(inv, manifest) if inv.args.against and isinstance(location, S3Location) else None
+    # restic: the manifest (built from the snapshot's tags) is needed only to find --against's snapshot
+    wanted = isinstance(location, S3Location) or inv.args.against
+    manifest = manifest_at(location, inv.args.snapshot) if wanted else None
+    against = _against(inv, manifest) if inv.args.against else None
     secret = passphrase(inv, needed=bool(manifest and manifest.get("encryption")))
-    return report_verify(inv, lambda: verify_at(location, snapshot=inv.args.snapshot,
-                                                against=against if against else inv.args.against,
+    return report_verify(inv, lambda: verify_at(location, snapshot=inv.args.snapshot, against=against,
                                                 passphrase=secret, progress=progress_for(inv)))
 
 
