@@ -23,6 +23,7 @@ from compact_helpers import (
 )
 from qsnap_testlib import QemuProcesses, Run, qemu_img, qemu_io
 
+from qsnap.compact.build import REPLAY_ENV
 from qsnap.qcow2 import open_image
 
 Main = Callable[..., Run]
@@ -67,7 +68,7 @@ def test_compact_keeps_every_snapshot_and_reclaims_freed_clusters(qsnap_main: Ma
         assert len(img.snapshot_entries()) == 4
     before = image.stat().st_size
     done = compact_and_check(qsnap_main, image, tmp_path)
-    assert done["snapshots"] == 4
+    assert done["snapshots"] == 4 and done["method"] == "copy"
     assert image.stat().st_size < before  # the deleted snapshot's clusters and the zero data are gone
     assert done["savings"]["zero_clusters"] >= 1 << 20
     # shared clusters stay shared: the new file is far smaller than one copy per snapshot
@@ -81,10 +82,20 @@ def test_compact_keeps_every_snapshot_and_reclaims_freed_clusters(qsnap_main: Ma
     ("compat=0.10", False),
     ("compression_type=zstd", True),
     ("compression_type=zlib", True),
-], ids=["512-byte-clusters", "2M-clusters", "extended-l2", "compat-0.10", "zstd-compressed", "zlib-compressed"])
-def test_compact_formats(qsnap_main: Main, tmp_path: Path, options: str, compressed: bool) -> None:
+    ("refcount_bits=4", False),
+    ("refcount_bits=64,lazy_refcounts=on", False),
+], ids=["512-byte-clusters", "2M-clusters", "extended-l2", "compat-0.10", "zstd-compressed", "zlib-compressed",
+        "4-bit-refcounts", "64-bit-lazy-refcounts"])
+@pytest.mark.parametrize("method", ["copy", "replay"])
+def test_compact_formats(qsnap_main: Main, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: str,
+                         compressed: bool, method: str) -> None:
+    """Both ways of building the new image: copying the reachable clusters (the default) and
+    replaying the states through qemu-io/qemu-img (what --compress and --sparsify use)."""
+    if method == "replay":
+        monkeypatch.setenv(REPLAY_ENV, "1")
     image = history(tmp_path / "disk.qcow2", options=options, compressed=compressed)
-    compact_and_check(qsnap_main, image, tmp_path)
+    done = compact_and_check(qsnap_main, image, tmp_path)
+    assert done["method"] == method
     if compressed:
         assert "compressed" in qemu_img("check", "-f", "qcow2", str(image)).stdout  # still compressed
 
@@ -99,6 +110,7 @@ def test_compact_compress_stores_compressed_clusters(qsnap_main: Main, tmp_path:
     assert_same_images(original, image, tmp_path / "raw")
     assert image.stat().st_size < before // 4  # pattern data compresses very well
     assert done["prediction"]["compressed_clusters"] > 0
+    assert done["method"] == "replay"  # QEMU compresses
 
 
 def test_compact_keeps_the_backing_file(qsnap_main: Main, tmp_path: Path) -> None:
@@ -109,6 +121,35 @@ def test_compact_keeps_the_backing_file(qsnap_main: Main, tmp_path: Path) -> Non
     done = compact_and_check(qsnap_main, image, tmp_path)
     assert info(image)["backing-filename"] == str(base)
     assert done["snapshots"] == 4
+
+
+def test_compact_v2_over_a_backing_file_keeps_zeros_that_hide_the_backing(qsnap_main: Main, tmp_path: Path) -> None:
+    """compat 0.10 has no zero flag: a data cluster of zeros over backing data must stay data
+    (unallocated would show the backing file's bytes)."""
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "64M")
+    qemu_io(base, "write -P 0x77 0 32M")
+    image = history(tmp_path / "disk.qcow2", options="compat=0.10", backing=base)
+    done = compact_and_check(qsnap_main, image, tmp_path)
+    assert done["method"] == "copy" and done["savings"]["zero_clusters"] == 0
+    assert qemu_io(image, "read -P 0 12M 1M").returncode == 0
+
+
+def test_compact_keeps_sharing_between_snapshots_that_are_not_neighbours(qsnap_main: Main, tmp_path: Path) -> None:
+    """s3 is taken after going back to s1: it shares s1's clusters, not s2's. The copy keeps
+    that (each cluster once); replaying the states in table order would store s1's data twice."""
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(image), "64M")
+    qemu_io(image, "write -P 0x11 0 8M")
+    qemu_img("snapshot", "-c", "s1", str(image))
+    qemu_io(image, "write -P 0x22 0 8M")
+    qemu_img("snapshot", "-c", "s2", str(image))
+    qemu_img("snapshot", "-a", "s1", str(image))
+    qemu_img("snapshot", "-c", "s3", str(image))
+    qemu_io(image, "write -P 0x33 0 8M")
+    done = compact_and_check(qsnap_main, image, tmp_path)
+    assert done["method"] == "copy"
+    assert image.stat().st_size < 24 * 2**20 + 2**20  # three 8 MiB versions and the metadata
 
 
 def test_compact_200_snapshots(qsnap_main: Main, tmp_path: Path, qemus: QemuProcesses) -> None:

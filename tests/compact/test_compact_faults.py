@@ -13,18 +13,20 @@ from compact_helpers import assert_same_images, check_clean, copy, history, snap
 from qsnap_testlib import QSNAP, Run, clean_environ
 
 from qsnap.backup.partial import InsufficientSpace
+from qsnap.compact.build import REPLAY_ENV
 
 
 def run_killed_at(image: Path, point: str) -> int:
-    """`qsnap compact` in a subprocess that SIGKILLs itself at checkpoint POINT (the test hook)."""
-    env = clean_environ({"QSNAP_COMPACT_KILL_AT": point})
+    """`qsnap compact` in a subprocess that SIGKILLs itself at checkpoint POINT (the test hook);
+    the points inside the build name their way of building it (copy: data, written; replay:
+    snapshot-N)."""
+    env = clean_environ({"QSNAP_COMPACT_KILL_AT": point, REPLAY_ENV: "1" if point.startswith("snapshot-") else ""})
     done = subprocess.run([str(QSNAP), "-i", str(image), "compact"], env=env, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=120)
     return done.returncode
 
 
-@pytest.mark.parametrize("point", ["snapshot-2", "verified",
-                                   "linked", "swapped"])
+@pytest.mark.parametrize("point", ["data", "snapshot-2", "verified", "linked", "swapped"])
 def test_kill_9_leaves_the_old_or_the_new_image(qsnap_main: object, tmp_path: Path, point: str) -> None:
     image = history(tmp_path / "disk.qcow2")
     original = copy(image, tmp_path / "original.qcow2")
@@ -88,9 +90,37 @@ def test_disk_filling_up_midway_is_a_clear_error(qsnap_main: object, small_fs: P
 
 def test_a_wrong_copy_is_caught_and_the_image_kept(qsnap_main: object, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Verification is real: a planner that loses one write (injected here: a bug cannot be
-    made to happen on demand) makes compact fail with exit 11 and change nothing."""
+    """Verification is real: a copy that puts one run of clusters one cluster off (injected
+    here: a bug cannot be made to happen on demand) makes compact fail with exit 11 and change
+    nothing."""
+    from qsnap.compact import remap
+
+    image = history(tmp_path / "disk.qcow2")
+    original = image.read_bytes()
+    real = remap._Copier.copy
+    shifted: list[int] = []
+
+    def off_by_one(self: remap._Copier, src_off: int, dst_off: int, length: int, data: object) -> None:
+        if not shifted and length > 65536:
+            shifted.append(src_off)
+            src_off, length = src_off + 65536, length - 65536
+        real(self, src_off, dst_off, length, None)
+
+    monkeypatch.setattr(remap._Copier, "copy", off_by_one)
+    r: Run = qsnap_main(["-i", image, "compact"])  # type: ignore[operator]
+    assert shifted
+    assert r.rc == 11 and "differs" in r.err, r.err
+    assert image.read_bytes() == original
+    assert not (tmp_path / "disk.qcow2.partial").exists() and not list(tmp_path.glob("disk.qcow2.old-*"))
+
+
+def test_a_lost_write_in_the_replay_is_caught_and_the_image_kept(qsnap_main: object, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for the replay path: a planner that loses one write makes compact fail with
+    exit 11 and change nothing."""
     from qsnap.compact import plan
+
+    monkeypatch.setenv(REPLAY_ENV, "1")
 
     image = history(tmp_path / "disk.qcow2")
     original = image.read_bytes()

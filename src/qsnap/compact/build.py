@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qsnap.compact import table
+from qsnap.compact import remap, table
 from qsnap.compact.plan import Planner, StepStats, differing
 from qsnap.compact.writer import QemuWriter
 from qsnap.core.errors import ImageError, VerificationFailed
@@ -36,6 +36,13 @@ from qsnap.qcow2.image import Layer, Qcow2Image
 Checkpoint = Callable[[str], None]
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 _VM_CHUNK = 4 << 20
+REPLAY_ENV = "QSNAP_COMPACT_REPLAY"  # tests and bench/: "1" takes the replay path where the copy could do
+
+
+def _copy_path(image: Qcow2Image, compress: bool, sparsify: list[tuple[int, int]] | None) -> bool:
+    if os.environ.get(REPLAY_ENV) == "1":
+        return False
+    return remap.unsupported(image, compress=compress, sparsify=bool(sparsify)) is None
 _NOT_COPIED = ~fmt.OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF
 
 
@@ -54,6 +61,7 @@ class Prediction:
     refcount_clusters: int = 0
     zero_bytes: int = 0
     steps: int = 0
+    method: str = "replay"  # "copy": qsnap.compact.remap; "replay": the states through QEMU's tools
 
     @property
     def size(self) -> int:
@@ -76,6 +84,7 @@ class Prediction:
             "l1_clusters": self.l1_clusters,
             "vm_state_clusters": self.vm_state_clusters,
             "zero_bytes": self.zero_bytes,
+            "method": self.method,
         }
 
 
@@ -85,6 +94,7 @@ class BuildResult:
     processes: int = 0
     snapshots: int = 0
     verified_bytes: int = 0  # compared while building (snapshot by snapshot)
+    verified_states: int = 0  # the states (table positions) compared while building
 
 
 def refuse_unsupported(image: Qcow2Image) -> None:
@@ -289,9 +299,22 @@ def _cut_free_tail(path: Path) -> None:
         os.truncate(path, end)
 
 
+def _from_plan(plan: remap.Plan, steps: int) -> Prediction:
+    cs = plan.cluster_size
+    return Prediction(
+        cs, data_clusters=plan.data_clusters - plan.compressed_clusters,
+        compressed_bytes=plan.compressed_clusters * cs, compressed_clusters=plan.compressed_clusters,
+        l2_tables=len(plan.l2_offsets), l1_clusters=plan.l1_clusters,
+        snapshot_table_clusters=plan.snapshot_table_clusters,
+        refcount_clusters=plan.refcount_block_clusters + plan.refcount_table_clusters,
+        zero_bytes=plan.zero_clusters * cs, steps=steps, method="copy")
+
+
 def predict(image: Qcow2Image, *, compress: bool = False, sparsify: list[tuple[int, int]] | None = None) -> Prediction:
     """The size the new image will have (reads the source's data to find zero clusters)."""
     refuse_unsupported(image)
+    if _copy_path(image, compress, sparsify):
+        return _from_plan(remap.predict(image), len(image.snapshot_entries()) + 1)
     return _run_steps(image, Planner(image, compress=compress), None, lambda _: None, None, sparsify)
 
 
@@ -305,8 +328,14 @@ def build(
     checkpoint: Checkpoint = lambda _: None,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Write the compacted copy of IMAGE into OUTPUT (which must not exist)."""
+    """Write the compacted copy of IMAGE into OUTPUT (which must not exist): by copying the
+    reachable clusters (qsnap.compact.remap) where it can, else by replaying the states."""
     refuse_unsupported(image)
+    if _copy_path(image, compress, sparsify):
+        plan = remap.build(image, output, checkpoint=checkpoint, progress=progress)
+        checkpoint("table")
+        return BuildResult(_from_plan(plan, len(image.snapshot_entries()) + 1), 0,
+                           len(image.snapshot_entries()), 0, 0)
     writer = QemuWriter(output, workdir, v3=image.header.version >= 3)
     source_entries = image.snapshot_entries()
     verified = 0
@@ -336,7 +365,8 @@ def build(
         os.fsync(fd)
     finally:
         os.close(fd)
-    return BuildResult(pred, writer.processes, len(image.snapshot_entries()), verified)
+    return BuildResult(pred, writer.processes, len(image.snapshot_entries()), verified,
+                       len(image.snapshot_entries()))
 
 
 # ------------------------------------------------------------------ verification
@@ -389,7 +419,9 @@ def _same(source: Qcow2Image, new: Qcow2Image, a: fmt.SnapshotEntry | None, b: f
             buf_s[lo - guest : hi - guest] = bytes(hi - lo)
     if n == len(buf_s):
         return buf_s == buf_n
-    return buf_s[:n] == buf_n[:n]
+    # a memcmp of the first N bytes without copying them (slicing a bytearray copies; comparing
+    # memoryviews goes item by item)
+    return buf_s.startswith(memoryview(buf_n)[:n])
 
 
 class _Zeroed:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -85,6 +87,7 @@ class CompactReport:
             "vm_stopped": self.vm_stopped,
             "verified_bytes": self.verified_bytes,
             "seconds": round(self.seconds, 3),
+            "method": self.prediction.get("method"),
             "prediction": self.prediction,
         }
 
@@ -136,7 +139,12 @@ def _findings(path: Path, *, clean: bool) -> list[str]:
     return found
 
 
+_log = logging.getLogger(__name__)
+_T0 = time.monotonic()
+
+
 def _checkpoint(name: str) -> None:
+    _log.debug("compact: %s at %.2f s", name, time.monotonic() - _T0)
     if os.environ.get(KILL_AT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -283,6 +291,7 @@ def _rebuild(
 ) -> CompactReport:
     from qsnap.backup.partial import InsufficientSpace, check_space
     from qsnap.compact.build import build, verify
+    from qsnap.core.fsutil import fsync_file
     from qsnap.engines import qemu_img
     from qsnap.qcow2.image import open_image
     from qsnap.service.space import account_image
@@ -308,13 +317,23 @@ def _rebuild(
             result = build(src, partial, work, compress=compress, sparsify=free, checkpoint=_checkpoint,
                            progress=progress)
             _checkpoint("built")
-            checked = qemu_img.check(partial)
-            if checked.corruptions or checked.leaks or checked.check_errors:
-                raise VerificationFailed(
-                    f"qemu-img check of the compacted image found {checked.corruptions} corruptions, "
-                    f"{checked.leaks} leaked clusters and {checked.check_errors} errors; {path} was not changed.")
-            with open_image(partial) as new:  # the metadata, and the current state's data
-                verified = result.verified_bytes + verify(src, new, progress, start=len(entries), sparsified=free)
+            # the disk writes the new file while the CPU checks and compares it (the swap waits
+            # for both)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnap-fsync") as pool:
+                synced = pool.submit(fsync_file, partial)
+                try:
+                    checked = qemu_img.check(partial)
+                    if checked.corruptions or checked.leaks or checked.check_errors:
+                        raise VerificationFailed(
+                            f"qemu-img check of the compacted image found {checked.corruptions} corruptions, "
+                            f"{checked.leaks} leaked clusters and {checked.check_errors} errors; {path} was not "
+                            "changed.")
+                    with open_image(partial) as new:  # the metadata, and the states not verified yet
+                        verified = result.verified_bytes + verify(src, new, progress, start=result.verified_states,
+                                                                  sparsified=free)
+                finally:
+                    wait([synced])
+                synced.result()
             _checkpoint("verified")
         except OSError as exc:
             _discard(partial, work)
