@@ -48,7 +48,9 @@ import os
 import struct
 import sys
 from array import array
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from qsnap.backup.partial import _sync_file_range
@@ -62,6 +64,7 @@ Progress = Callable[[str, int, int], None]
 _LITTLE = sys.byteorder == "little"
 _CHUNK = 8 << 20  # bytes read at once to find all-zero clusters
 _WRITEBACK_EVERY = 256 << 20
+_IN_FLIGHT = 4  # runs queued for the copying thread (each at most _CHUNK bytes: memory stays small)
 _NOT_COPIED = ~fmt.OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF
 
 
@@ -221,7 +224,7 @@ class _Copier:
         self._flushed = 0
         self._sync = _sync_file_range()
 
-    def copy(self, src_off: int, dst_off: int, length: int, data: memoryview | None) -> None:
+    def copy(self, src_off: int, dst_off: int, length: int, data: memoryview | None = None) -> None:
         done = 0
         while done < length:
             n = 0
@@ -255,54 +258,69 @@ def _scan_and_copy(image: Qcow2Image, layout: _Layout, plan: Plan, dst: int | No
     refs, crefs = layout.refs, layout.crefs
     where = array("I", bytes(4 * len(refs)))
     wanted = sorted({c for c in range(len(refs)) if refs[c]} | set(crefs))
-    zeros = bytes(_CHUNK)
+    zero = bytes(cs)
     nxt = plan.metadata_clusters
-    copier = _Copier(image.fileno(), dst) if dst is not None else None
     src = image.fileno()
     buf = bytearray(_CHUNK)
     per_chunk = _CHUNK // cs
     total = len(wanted)
-    i = 0
-    while i < total:
-        # a run of consecutive source clusters, at most one chunk long
-        j = i + 1
-        while j < total and wanted[j] == wanted[j - 1] + 1 and j - i < per_chunk:
-            j += 1
-        first, count = wanted[i], j - i
-        view = memoryview(buf)[: count * cs]
-        got = os.preadv(src, [view], first * cs)
-        if got < len(view):
-            view[got:] = bytes(len(view) - got)
-        run_src = run_dst = run_len = 0
-        for k in range(count):
-            c = first + k
-            piece = view[k * cs : (k + 1) * cs]
-            if c not in crefs and layout.drop_zeros and piece == zeros[:cs]:
-                plan.zero_clusters += 1
-                refs[c] = 0
-                continue
-            where[c] = nxt
-            if c in crefs:
-                plan.compressed_clusters += 1
-            if run_len and run_src + run_len == c * cs and run_dst + run_len == nxt * cs:
-                run_len += cs
-            else:
-                if run_len and copier is not None:
-                    copier.copy(run_src, run_dst, run_len, _slice(view, first, cs, run_src, run_len))
-                run_src, run_dst, run_len = c * cs, nxt * cs, cs
-            nxt += 1
-        if run_len and copier is not None:
-            copier.copy(run_src, run_dst, run_len, _slice(view, first, cs, run_src, run_len))
-        if progress is not None and j * 100 // total != i * 100 // total:
-            progress("copy", j * 100 // total, 100)
-        i = j
+    # the copies run on a thread of their own (copy_file_range releases the GIL): the disk
+    # writes one run while the next chunk is read and scanned for zeros
+    copier = _Copier(src, dst) if dst is not None else None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnap-copy") if copier is not None else None
+    pending: deque[Future[None]] = deque()
+
+    def copy(run_src: int, run_dst: int, run_len: int) -> None:
+        if copier is None or pool is None:
+            return
+        pending.append(pool.submit(copier.copy, run_src, run_dst, run_len, None))
+        while len(pending) > _IN_FLIGHT or (pending and pending[0].done()):
+            pending.popleft().result()
+
+    try:
+        i = 0
+        while i < total:
+            # a run of consecutive source clusters, at most one chunk long
+            j = i + 1
+            while j < total and wanted[j] == wanted[j - 1] + 1 and j - i < per_chunk:
+                j += 1
+            first, count = wanted[i], j - i
+            view = memoryview(buf)[: count * cs]
+            got = os.preadv(src, [view], first * cs)
+            if got < len(view):
+                view[got:] = bytes(len(view) - got)
+            run_src = run_dst = run_len = 0
+            for k in range(count):
+                c = first + k
+                # startswith(zero, at): a memcmp in place, that stops at the first non-zero byte
+                if layout.drop_zeros and c not in crefs and buf.startswith(zero, k * cs):
+                    plan.zero_clusters += 1
+                    refs[c] = 0
+                    continue
+                where[c] = nxt
+                if c in crefs:
+                    plan.compressed_clusters += 1
+                if run_len and run_src + run_len == c * cs and run_dst + run_len == nxt * cs:
+                    run_len += cs
+                else:
+                    if run_len:
+                        copy(run_src, run_dst, run_len)
+                    run_src, run_dst, run_len = c * cs, nxt * cs, cs
+                nxt += 1
+            if run_len:
+                copy(run_src, run_dst, run_len)
+            if progress is not None and j * 100 // total != i * 100 // total:
+                progress("copy", j * 100 // total, 100)
+            i = j
+        while pending:
+            pending.popleft().result()
+    finally:
+        if pool is not None:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True)
     plan.data_clusters = nxt - plan.metadata_clusters
     return where
-
-
-def _slice(view: memoryview, first: int, cs: int, run_src: int, run_len: int) -> memoryview:
-    start = run_src - first * cs
-    return view[start : start + run_len]
 
 
 def predict(image: Qcow2Image) -> Plan:
