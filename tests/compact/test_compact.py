@@ -234,7 +234,7 @@ def test_compact_refuses_an_image_in_use(qsnap_main: Main, tmp_path: Path, qemus
     assert not list(tmp_path.glob("*.partial*"))
 
 
-def _fs_image_with_deleted_file(tmp_path: Path) -> tuple[Path, Path]:
+def _fs_image_with_deleted_file(tmp_path: Path, options: str = "") -> tuple[Path, Path]:
     """An MBR disk with an ext4 partition; snapshot s1 holds a 6 MiB file that the current state has
     deleted (its blocks still hold data but are free in the bitmap), plus a kept file."""
     import subprocess
@@ -254,7 +254,7 @@ def _fs_image_with_deleted_file(tmp_path: Path) -> tuple[Path, Path]:
         f.seek(1 << 20)
         f.write(data)
     image = tmp_path / "disk.qcow2"
-    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(disk), str(image))
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", *(["-o", options] if options else []), str(disk), str(image))
     qemu_img("snapshot", "-c", "s1", str(image))
     subprocess.run(["debugfs", "-w", "-R", "rm /big.bin", str(fs)], check=True, capture_output=True)
     with open(disk, "r+b") as f:
@@ -264,10 +264,16 @@ def _fs_image_with_deleted_file(tmp_path: Path) -> tuple[Path, Path]:
     return image, fs
 
 
-def test_sparsify_zeroes_free_guest_blocks_of_the_current_state_only(qsnap_main: Main, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "options"), [("copy", ""), ("replay", ""), ("copy", "extended_l2=on")],
+                         ids=["copy", "replay", "copy-extended-l2"])
+def test_sparsify_zeroes_free_guest_blocks_of_the_current_state_only(qsnap_main: Main, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     method: str, options: str) -> None:
     import subprocess
 
-    image, fs = _fs_image_with_deleted_file(tmp_path)
+    if method == "replay":
+        monkeypatch.setenv(REPLAY_ENV, "1")
+    image, fs = _fs_image_with_deleted_file(tmp_path, options)
     plain = copy(image, tmp_path / "plain.qcow2")
     original = copy(image, tmp_path / "original.qcow2")
     rc, dry, err = compact_json(qsnap_main, image, "--dry-run", "--sparsify")
@@ -276,6 +282,7 @@ def test_sparsify_zeroes_free_guest_blocks_of_the_current_state_only(qsnap_main:
     rc, done, err = compact_json(qsnap_main, image, "--sparsify")
     assert rc == 0, err
     assert done["savings"]["free_guest_blocks"] == dry["savings"]["free_guest_blocks"]
+    assert done["method"] == method
     check_clean(image)
     rc, _, err = compact_json(qsnap_main, plain)
     assert rc == 0, err

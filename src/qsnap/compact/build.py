@@ -314,7 +314,7 @@ def predict(image: Qcow2Image, *, compress: bool = False, sparsify: list[tuple[i
     """The size the new image will have (reads the source's data to find zero clusters)."""
     refuse_unsupported(image)
     if _copy_path(image, compress, sparsify):
-        return _from_plan(remap.predict(image), len(image.snapshot_entries()) + 1)
+        return _from_plan(remap.predict(image, sparsify), len(image.snapshot_entries()) + 1)
     return _run_steps(image, Planner(image, compress=compress), None, lambda _: None, None, sparsify)
 
 
@@ -332,7 +332,7 @@ def build(
     reachable clusters (qsnap.compact.remap) where it can, else by replaying the states."""
     refuse_unsupported(image)
     if _copy_path(image, compress, sparsify):
-        plan = remap.build(image, output, checkpoint=checkpoint, progress=progress)
+        plan = remap.build(image, output, checkpoint=checkpoint, progress=progress, zeroed=sparsify)
         checkpoint("table")
         return BuildResult(_from_plan(plan, len(image.snapshot_entries()) + 1), 0,
                            len(image.snapshot_entries()), 0, 0)

@@ -36,9 +36,12 @@ neighbours in the table), VM state and compressed clusters are copied byte for b
 stays the judge: the result must pass ``qemu-img check``, and :func:`qsnap.compact.build.verify`
 compares every state's guest data and VM state through the reader before the swap.
 
-Not handled here (the replay path does them): ``--compress`` (QEMU compresses), ``--sparsify``,
-a header whose backing file name lies past the first cluster, persistent bitmaps (refused
-anyway), an L1 table of size 0.
+``--sparsify``: the active L1 entries whose L2 table covers free guest clusters point at a
+table of their own with those entries made zero clusters (the table the snapshots share stays
+theirs). Not handled here (the replay path does them): ``--compress`` (QEMU compresses),
+``--sparsify`` of a version 2 image over a backing file (no zero flag), a header whose backing
+file name lies past the first cluster, persistent bitmaps (refused anyway), an L1 table of
+size 0.
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ def unsupported(image: Qcow2Image, *, compress: bool, sparsify: bool) -> str | N
     h = image.header
     if compress:
         return "--compress (QEMU compresses the clusters)"
-    if sparsify:
-        return "--sparsify"
+    if sparsify and h.version < 3 and h.backing_file:
+        return "--sparsify of a version 2 image over a backing file (no zero clusters)"
     if h.bitmaps is not None:
         return "a persistent bitmaps extension"
     if h.backing_file_offset and h.backing_file_offset + h.backing_file_size > image.cluster_size:
@@ -116,7 +119,7 @@ class Plan:
 class _Layout:
     """The source's reachable clusters and their references (pass 1, metadata only)."""
 
-    def __init__(self, image: Qcow2Image) -> None:
+    def __init__(self, image: Qcow2Image, zeroed: list[tuple[int, int]] | None = None) -> None:
         self.image = image
         cs = image.cluster_size
         self.cs = cs
@@ -138,7 +141,67 @@ class _Layout:
                 off = raw & fmt.L1E_OFFSET_MASK
                 if off:
                     self.l2_refs[off] = self.l2_refs.get(off, 0) + 1
+        # --sparsify: the active L1 entries whose L2 table gets zero clusters get a table of
+        # their own (keys -1 - L1 index; a table shared with snapshots stays as it is for them)
+        self.zero_ranges: dict[int, list[tuple[int, int]]] = {}
+        self.variants: dict[int, int] = {}  # active L1 index -> source L2 offset (0: none)
+        if zeroed:
+            self._sparsify(zeroed)
         self.tables = sorted(self.l2_refs)
+
+    def _sparsify(self, zeroed: list[tuple[int, int]]) -> None:
+        n, cs = self.image.l2_entries, self.cs
+        for offset, length in zeroed:  # whole clusters (the service aligns them)
+            first, stop = -(-offset // cs), (offset + length) // cs
+            while first < stop:
+                index, local = divmod(first, n)
+                end = min(stop, (index + 1) * n)
+                self.zero_ranges.setdefault(index, []).append((local, local + end - first))
+                first = end
+        active = self.image.active
+        backing = bool(self.image.header.backing_file)
+        for index, ranges in self.zero_ranges.items():
+            off = active.l2_offset(index)
+            if not off and not backing:
+                continue  # unallocated reads as zeros already
+            source = self.image.l2_table(off) if off else None
+            if source is not None and not any(self._needs_zero(source, i, backing)
+                                              for lo, hi in ranges for i in range(lo, hi)):
+                continue
+            self.variants[index] = off
+            self.l2_refs[-1 - index] = 1
+            if off:
+                self.l2_refs[off] -= 1
+                if not self.l2_refs[off]:
+                    del self.l2_refs[off]
+
+    def _needs_zero(self, table: array[int], i: int, backing: bool) -> bool:
+        if self.step == 2:
+            return bool(table[2 * i] or (backing and table[2 * i + 1] >> 32 != 0xFFFFFFFF))
+        e = table[i]
+        return bool(e & fmt.OFLAG_COMPRESSED or (e & fmt.L2E_OFFSET_MASK and not e & fmt.OFLAG_ZERO)
+                    or (backing and not e & fmt.OFLAG_ZERO))
+
+    def l2_table(self, key: int) -> array[int]:
+        """The L2 table KEY as the new image holds it: a source table, or an active table's
+        --sparsify variant (free guest clusters made zero clusters: "== Cluster mapping ==",
+        bit 0; extended L2: every subcluster's zero bit, no host cluster)."""
+        if key >= 0:
+            return self.image.l2_table(key)
+        index = -1 - key
+        off = self.variants[index]
+        table = array("Q", self.image.l2_table(off)) if off else array("Q", bytes(self.cs))
+        for lo, hi in self.zero_ranges[index]:
+            for i in range(lo, hi):
+                if self.step == 2:
+                    table[2 * i], table[2 * i + 1] = 0, 0xFFFFFFFF << 32
+                else:
+                    table[i] = fmt.OFLAG_ZERO if self.v3 else 0
+        return table
+
+    def active_key(self, index: int, raw: int) -> int:
+        """The table key of active L1 entry INDEX (raw value RAW)."""
+        return -1 - index if index in self.variants else raw & fmt.L1E_OFFSET_MASK
 
     def compressed(self, entry: int) -> tuple[int, int]:
         """(host offset, bytes) of a compressed cluster descriptor ("Compressed Clusters
@@ -153,7 +216,7 @@ class _Layout:
         cb, cs, step = self.cb, self.cs, self.step
         for off in self.tables:
             r = self.l2_refs[off]
-            table = self.image.l2_table(off)
+            table = self.l2_table(off)
             for i in range(0, len(table), step):
                 e = table[i]
                 if not e:
@@ -323,9 +386,11 @@ def _scan_and_copy(image: Qcow2Image, layout: _Layout, plan: Plan, dst: int | No
     return where
 
 
-def predict(image: Qcow2Image) -> Plan:
-    """The new file's layout and size, reading every reachable data cluster (to find zeros)."""
-    layout = _Layout(image)
+def predict(image: Qcow2Image, zeroed: list[tuple[int, int]] | None = None) -> Plan:
+    """The new file's layout and size, reading every reachable data cluster (to find zeros).
+    ZEROED: --sparsify's guest ranges (whole clusters) that become zero clusters in the
+    current state."""
+    layout = _Layout(image, zeroed)
     layout.count()
     plan = _plan(image, layout)
     _scan_and_copy(image, layout, plan, None, None)
@@ -334,10 +399,10 @@ def predict(image: Qcow2Image) -> Plan:
 
 
 def build(image: Qcow2Image, output: str | os.PathLike[str], *, checkpoint: Checkpoint,
-          progress: Progress | None = None) -> Plan:
+          progress: Progress | None = None, zeroed: list[tuple[int, int]] | None = None) -> Plan:
     """Write the compacted copy of IMAGE to OUTPUT (created; must not exist). Not fsynced: the
     caller syncs it while it verifies (the disk writes while the CPU compares)."""
-    layout = _Layout(image)
+    layout = _Layout(image, zeroed)
     layout.count()
     plan = _plan(image, layout)
     dst = os.open(output, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -393,7 +458,7 @@ def _write_metadata(image: Qcow2Image, layout: _Layout, plan: Plan, where: array
         r = plan.l2_refs[off]
         new_off = plan.l2_offsets[off]
         put(new_off >> cb, r)
-        src = image.l2_table(off)
+        src = layout.l2_table(off)
         out = array("Q", src)
         for i in range(0, len(src), step):
             e = src[i]
@@ -426,14 +491,15 @@ def _write_metadata(image: Qcow2Image, layout: _Layout, plan: Plan, where: array
         _pwrite_all(dst, _be(out), new_off)
     # L1 tables
     l1s = [(h.l1_table_offset, image.active)] + [(e.l1_table_offset, image.layer(e)) for e in image.snapshot_entries()]
-    for src_off, layer in l1s:
+    for n, (src_off, layer) in enumerate(l1s):
         new_off = plan.l1_offsets[src_off]
         clusters = -(-layer.l1_size * 8 // cs)
         for k in range(clusters):
             put((new_off >> cb) + k, 1)
         out = array("Q", bytes(8 * layer.l1_size))
-        for i, raw in enumerate(layer.l1[: layer.l1_size]):
-            off = raw & fmt.L1E_OFFSET_MASK
+        raws = list(layer.l1[: layer.l1_size]) + [0] * (layer.l1_size - len(layer.l1))
+        for i, raw in enumerate(raws):
+            off = layout.active_key(i, raw) if n == 0 else raw & fmt.L1E_OFFSET_MASK
             if off:
                 new_l2 = plan.l2_offsets[off]
                 out[i] = new_l2 | (fmt.OFLAG_COPIED if counts[new_l2 >> cb] == 1 else 0)
