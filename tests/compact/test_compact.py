@@ -135,6 +135,24 @@ def test_compact_v2_over_a_backing_file_keeps_zeros_that_hide_the_backing(qsnap_
     assert qemu_io(image, "read -P 0 12M 1M").returncode == 0
 
 
+def test_compact_copies_without_copy_file_range(qsnap_main: Main, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel cannot copy between the files (EXDEV: other filesystems, old kernels),
+    the copy reads and writes the clusters itself."""
+    import errno
+
+    calls: list[int] = []
+
+    def refuse(*args: object) -> int:
+        calls.append(1)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    image = history(tmp_path / "disk.qcow2", compressed=True)
+    done = compact_and_check(qsnap_main, image, tmp_path)
+    assert done["method"] == "copy" and calls
+
+
 def test_compact_keeps_sharing_between_snapshots_that_are_not_neighbours(qsnap_main: Main, tmp_path: Path) -> None:
     """s3 is taken after going back to s1: it shares s1's clusters, not s2's. The copy keeps
     that (each cluster once); replaying the states in table order would store s1's data twice."""

@@ -100,11 +100,11 @@ def test_a_wrong_copy_is_caught_and_the_image_kept(qsnap_main: object, tmp_path:
     real = remap._Copier.copy
     shifted: list[int] = []
 
-    def off_by_one(self: remap._Copier, src_off: int, dst_off: int, length: int, data: object) -> None:
+    def off_by_one(self: remap._Copier, src_off: int, dst_off: int, length: int) -> None:
         if not shifted and length > 65536:
             shifted.append(src_off)
             src_off, length = src_off + 65536, length - 65536
-        real(self, src_off, dst_off, length, None)
+        real(self, src_off, dst_off, length)
 
     monkeypatch.setattr(remap._Copier, "copy", off_by_one)
     r: Run = qsnap_main(["-i", image, "compact"])  # type: ignore[operator]

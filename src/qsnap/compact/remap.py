@@ -291,7 +291,7 @@ class _Copier:
         self._flushed = 0
         self._sync = _sync_file_range()
 
-    def copy(self, src_off: int, dst_off: int, length: int, data: memoryview | None = None) -> None:
+    def copy(self, src_off: int, dst_off: int, length: int) -> None:
         done = 0
         while done < length:
             n = 0
@@ -303,11 +303,9 @@ class _Copier:
                         raise
                     self.kernel = False
             if not self.kernel or n == 0:
-                # past the end of the source (a compressed cluster's last sectors) or no kernel copy
-                piece = data[done:length] if data is not None else memoryview(os.pread(self.src, length - done,
-                                                                                        src_off + done))
-                if len(piece) < length - done:
-                    piece = memoryview(bytes(piece) + bytes(length - done - len(piece)))
+                # no kernel copy, or past the end of the source (a compressed cluster's last
+                # sectors may reach beyond it: they read as zeros)
+                piece = os.pread(self.src, length - done, src_off + done) or bytes(length - done)
                 n = os.pwrite(self.dst, piece, dst_off + done)
             done += n
         self.written += length
@@ -341,7 +339,7 @@ def _scan_and_copy(image: Qcow2Image, layout: _Layout, plan: Plan, dst: int | No
     def copy(run_src: int, run_dst: int, run_len: int) -> None:
         if copier is None or pool is None:
             return
-        pending.append(pool.submit(copier.copy, run_src, run_dst, run_len, None))
+        pending.append(pool.submit(copier.copy, run_src, run_dst, run_len))
         while len(pending) > _IN_FLIGHT or (pending and pending[0].done()):
             pending.popleft().result()
 
