@@ -1,6 +1,10 @@
 """Build the compacted copy of an image, predict its size, and verify it against the source.
 
-:func:`build` replays the source's states into a new qcow2 (see :mod:`qsnap.compact.plan`):
+By default the new image is a copy of the clusters some state reaches
+(:mod:`qsnap.compact.remap`); ``--compress`` (and what the copy does not handle) replays the
+states through QEMU's tools instead:
+
+The replay (see :mod:`qsnap.compact.plan`):
 
     qemu-img create -f qcow2 -o cluster_size=..,compat=..,extended_l2=..,compression_type=..
     for each snapshot, in table order:
@@ -36,14 +40,15 @@ from qsnap.qcow2.image import Layer, Qcow2Image
 Checkpoint = Callable[[str], None]
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 _VM_CHUNK = 4 << 20
+_NOT_COPIED = ~fmt.OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF
 REPLAY_ENV = "QSNAP_COMPACT_REPLAY"  # tests and bench/: "1" takes the replay path where the copy could do
 
 
 def _copy_path(image: Qcow2Image, compress: bool, sparsify: list[tuple[int, int]] | None) -> bool:
+    """Whether the new image is built by qsnap.compact.remap (else by replaying the states)."""
     if os.environ.get(REPLAY_ENV) == "1":
         return False
     return remap.unsupported(image, compress=compress, sparsify=bool(sparsify)) is None
-_NOT_COPIED = ~fmt.OFLAG_COPIED & 0xFFFFFFFFFFFFFFFF
 
 
 @dataclass
@@ -333,7 +338,6 @@ def build(
     refuse_unsupported(image)
     if _copy_path(image, compress, sparsify):
         plan = remap.build(image, output, checkpoint=checkpoint, progress=progress, zeroed=sparsify)
-        checkpoint("table")
         return BuildResult(_from_plan(plan, len(image.snapshot_entries()) + 1), 0,
                            len(image.snapshot_entries()), 0, 0)
     writer = QemuWriter(output, workdir, v3=image.header.version >= 3)
