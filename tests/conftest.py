@@ -439,6 +439,14 @@ def one_error_line(err: str, prog: str = "qsnap") -> str:
 
 # ------------------------------------------------------------------ fixtures (the helpers above)
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the test command's default), the docker tests
+    run on one worker: they share one dockerd and the guide's image, built or loaded once."""
+    for item in items:
+        if item.nodeid.startswith("tests/docker/") or "/tests/docker/" in str(item.path):
+            item.add_marker(pytest.mark.xdist_group("docker"))
+
+
 @pytest.fixture(name="make_image", scope="session")
 def _make_image_fixture() -> Callable[..., Path]:
     return make_image

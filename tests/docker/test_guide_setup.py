@@ -99,6 +99,25 @@ def test_docker_stop_powers_off_then_a_disk_only_restore_goes_through_compose(gu
     assert state["Running"] and state["StartedAt"] != started  # stopped, reverted, started again
     guide_vm.wait_ready()
     assert guide_vm.guest("cat /mnt/state.txt") == "clean"
+
+    # compact through the same controller (issue 12): the service is stopped by docker-compose,
+    # the image compacted with its snapshot kept, the service started again on the new file.
+    refused = guide_vm.qsnap("compact")
+    assert refused.rc == 8 and "--vm" in refused.err  # the VM holds the image, no controller named
+    started, inode, kept = guide_vm.state()["StartedAt"], guide_vm.image.stat().st_ino, names(guide_vm)
+    compacted = guide_vm.qsnap("--debug", "--vm", VM, "compact", "--json")
+    assert compacted.rc == 0, compacted.err
+    report = json.loads(compacted.out)
+    assert report["vm_stopped"] == VM and report["snapshots"] == len(kept) and "clean-disk" in kept
+    assert report["new_size"] <= report["file_size"]
+    assert f"run: docker-compose stop --timeout 30 {SERVICE}" in compacted.err
+    assert f"run: docker-compose start {SERVICE}" in compacted.err
+    assert guide_vm.image.stat().st_ino != inode  # the compacted file took the image's place
+    state = guide_vm.state()
+    assert state["Running"] and state["StartedAt"] != started
+    guide_vm.wait_ready()
+    assert guide_vm.guest("cat /mnt/state.txt") == "clean"
+    assert names(guide_vm) == kept  # clean-disk and the restore's safety snapshot
     delete_all(guide_vm)
 
 

@@ -38,16 +38,24 @@ def test_backup_every_format_imports_and_boots(running_guest: Guest, guest_facto
         assert " is OK " in qsnap_ok("verify", work / "backups" / output)
     assert guest.is_alive() and guest.read_file("/mnt/release.txt") == "after-the-release"
 
+    imported = {}
     for n, output in enumerate(FORMATS):
         fresh = work / f"imported-{n}.qcow2"  # a new, empty image of another VM
         qemu_img("create", "-q", "-f", "qcow2", str(fresh), "64M")
         out = qsnap_ok("-i", fresh, "import", work / "backups" / output)
         assert f"Imported {work / 'backups' / output} into {fresh}" in out
-        booted = guest_factory(disk=fresh, name=fresh.name)  # cold boot of the imported disk
-        assert booted.read_file("/mnt/release.txt") == "release-1.0", output
-        assert booted.read_file("/mnt/etc/app.conf") == "configured\n", output
-        assert booted.read_file("/mnt/hello.txt") == HELLO_TEXT, output
-        booted.kill()
+        imported[output] = fresh
+    # Every import holds the same guest data, byte for byte (qemu-img compare), and one cold
+    # boot proves that data is the snapshot's guest (before the boot: booting writes to a disk).
+    first, *others = FORMATS
+    for output in others:
+        same = qemu_img("compare", "-q", str(imported[first]), str(imported[output]), check=False)
+        assert same.returncode == 0, f"{output}: {same.stdout}{same.stderr}"
+    booted = guest_factory(disk=imported[first], name=imported[first].name)
+    assert booted.read_file("/mnt/release.txt") == "release-1.0"
+    assert booted.read_file("/mnt/etc/app.conf") == "configured\n"
+    assert booted.read_file("/mnt/hello.txt") == HELLO_TEXT
+    booted.kill()
 
 
 def test_import_recreates_a_lost_image(running_guest: Guest, guest_factory: GuestFactory) -> None:

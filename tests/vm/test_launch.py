@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -128,8 +129,9 @@ def test_a_busy_port_is_a_clear_error_naming_the_option() -> None:
 
 
 def test_long_run_directories_put_sockets_in_a_short_directory(tmp_path: Path) -> None:
-    short = vm.socket_paths(tmp_path / "d.qcow2")
-    assert short.qmp == tmp_path / "d.qcow2.qsnap-run" / "qmp.sock"
+    with tempfile.TemporaryDirectory(prefix="q", dir="/tmp") as near:  # tmp_path may be long (xdist)
+        short = vm.socket_paths(Path(near) / "d.qcow2")
+        assert short.qmp == Path(near) / "d.qcow2.qsnap-run" / "qmp.sock"
     deep = tmp_path / ("x" * 120) / "d.qcow2"
     sockets = vm.socket_paths(deep)
     assert len(str(sockets.qmp)) < 100
