@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import reads, run, snap
 from qsnap.backup import EncryptionSpec, export_snapshot
 from qsnap.backup.agecrypt import SCRYPT_LOG_N, AgeError, decrypt_stream, decrypted_chunks
+
+from .conftest import reads, run, snap
 
 PROMPT = re.compile(rb"passphrase[^\n]*: ", re.IGNORECASE)
 

@@ -16,11 +16,12 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from conftest import reads, run, snap, write
 from qsnap.backup import EncryptionSpec, archive, export_snapshot, import_backup, verify_backup
 from qsnap.backup.model import utc_now
 from qsnap.backup.partial import InsufficientSpace
 from qsnap.core.errors import LockBusy, OutputExists, UsageError, VerificationFailed
+
+from .conftest import reads, run, snap, write
 
 
 def restored_qcow2(backup: Path, tmp_path: Path) -> Path:

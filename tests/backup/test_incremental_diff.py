@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run
 from qsnap.backup.source import DATA, SourceReader
+
+from .conftest import run
 
 
 def expected_diff(reader: SourceReader, old_id: str) -> tuple[list[int], list[int]]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run, snap, write
 from qsnap.backup import export_snapshot, verify_backup
 from qsnap.backup.source import SourceReader
 from qsnap.backup.streams import (
@@ -23,6 +22,8 @@ from qsnap.backup.streams import (
     parallel_gunzip,
     prefetch,
 )
+
+from .conftest import run, snap, write
 
 
 def _payload() -> bytes:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import reads, run, snap, write
 from qsnap.backup import export_snapshot, verify_backup
 from qsnap.backup.qcow2stream import StreamChecker
 from qsnap.core.errors import VerificationFailed
+
+from .conftest import reads, run, snap, write
 
 
 def convert_size(image: Path, snapshot: str, tmp_path: Path) -> int:

@@ -76,7 +76,7 @@ def inflate_lib() -> ModuleType:
         return deflate_lib()
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's malloc.h
 _malloc_tuned = False
 
 
@@ -89,6 +89,11 @@ def keep_block_memory() -> None:
     memory map lock. Measured on a 4 GiB `.qcow2.gz` verify: 11.4 s (5.2 s of it in the kernel)
     with the defaults, 6.8 s (0.7 s) with these settings, for 60 MiB more peak memory. No Python
     library exposes mallopt(3), hence ctypes; other C libraries are left alone.
+
+    The arenas are capped at one per core (glibc's default: eight per core): each thread that
+    frees blocks in an arena of its own keeps them there, so with the compression, read-ahead
+    and upload threads the kept blocks multiplied. Measured on a 1 GiB backup streamed to S3 over
+    a 25 MB/s link: peak memory 282 -> 202 MiB, same time; the local backup as fast (5.75 s).
     """
     global _malloc_tuned
     if _malloc_tuned or not sys.platform.startswith("linux"):
@@ -103,6 +108,7 @@ def keep_block_memory() -> None:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    mallopt(_M_ARENA_MAX, max(2, default_threads()))
 
 
 def default_threads() -> int:
