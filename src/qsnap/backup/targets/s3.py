@@ -31,7 +31,11 @@ from qsnap.core.errors import Interrupted, OutputExists, QsnapError, TargetError
 
 PART_SIZE = 8 << 20
 MAX_PARTS = 10_000
-PARALLEL = 3  # parts uploading at once: 4 gained nothing on 2 cores and cost 8 MiB+ each
+# Parts uploading at once (8 MiB+ of memory each). Over a shaped 75 MB/s link (bench_offsite.py,
+# 1 GiB): 3 -> 11.3-11.7 s, 6 -> 10.9 s, 10 -> 10.3 s for +13 / +31 MiB of peak memory; a real WAN
+# link, where one TCP connection is bounded by its window over the round trip, gains more.
+PARALLEL = 6
+READ_PARALLEL = 3  # ranged GETs in flight (verify, import): 8 MiB each, decompressed behind them
 READ_CHUNK = 8 << 20
 UPLOAD_METADATA = "qsnap"
 
@@ -361,9 +365,9 @@ class MultipartSink:
 
 
 class RangedReader:
-    """Read an object front to back: ranged GETs of READ_CHUNK bytes, PARALLEL in flight."""
+    """Read an object front to back: ranged GETs of READ_CHUNK bytes, READ_PARALLEL in flight."""
 
-    def __init__(self, target: S3Target, info: ObjectInfo, *, parallel: int = PARALLEL,
+    def __init__(self, target: S3Target, info: ObjectInfo, *, parallel: int = READ_PARALLEL,
                  chunk: int = READ_CHUNK) -> None:
         self.target = target
         self.info = info
