@@ -320,9 +320,14 @@ def _rebuild(
             # the disk writes the new file while the CPU checks and compares it (the swap waits
             # for both)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnap-fsync") as pool:
-                synced = pool.submit(fsync_file, partial)
+                def flush() -> None:
+                    fsync_file(partial)
+                    _log.debug("compact: synced at %.2f s", time.monotonic() - _T0)
+
+                synced = pool.submit(flush)
                 try:
                     checked = qemu_img.check(partial)
+                    _log.debug("compact: checked at %.2f s", time.monotonic() - _T0)
                     if checked.corruptions or checked.leaks or checked.check_errors:
                         raise VerificationFailed(
                             f"qemu-img check of the compacted image found {checked.corruptions} corruptions, "
