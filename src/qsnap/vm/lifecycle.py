@@ -194,7 +194,19 @@ class StopResult:
 def _reap(pid: int) -> None:
     child = _children.get(pid)
     if child is not None and child.poll() is not None:
-        del _children[pid]
+        _children.pop(pid, None)
+
+
+def _reap_exiting(pid: int) -> None:
+    """Reap PID if it is a child of ours on its way out: its memory (and so its cmdline) is gone
+    before it becomes a zombie, so poll() alone can miss it and leave a zombie behind."""
+    child = _children.get(pid)
+    if child is None:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=1.0)
+    if child.returncode is not None:
+        _children.pop(pid, None)
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -209,7 +221,10 @@ def is_qemu_process(pid: int, qmp_socket: Path) -> bool:
     """Whether PID is alive and is the QEMU that serves QMP_SOCKET (not a recycled pid)."""
     _reap(pid)
     argv = _cmdline(pid)  # empty for a zombie or a vanished process
-    if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+    if not argv:
+        _reap_exiting(pid)
+        return False
+    if not os.path.basename(argv[0]).startswith("qemu-system"):
         return False
     needles = (str(qmp_socket), str(qmp_socket).replace(",", ",,"))  # QEMU option escaping
     return any(needle in arg for arg in argv for needle in needles)
