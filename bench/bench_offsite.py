@@ -33,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def change_one_percent(image: Path, data_mib: int, day: int, piece: int) -> None
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C: the finally blocks remove the namespace, the veth pair and the
+    # S3 server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     data_mib = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
     work = Path(tempfile.mkdtemp(prefix="qsnap-bench-offsite-", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
     try:
@@ -116,7 +120,8 @@ class NetnsLink:
         try:
             self._ip("netns", "add", self.ns)
         except subprocess.CalledProcessError as exc:
-            raise SystemExit(f"cannot make a network namespace (run as root with iproute2): {exc}") from exc
+            raise SystemExit(f"cannot make network namespace {self.ns} (root and iproute2 needed): "
+                             f"{exc.stderr.decode(errors='replace').strip()}") from exc
         try:
             self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
             self._ip("link", "set", self.ns_if, "netns", self.ns)

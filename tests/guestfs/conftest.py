@@ -108,15 +108,19 @@ def built_fs(tmp_path_factory: pytest.TempPathFactory, source_tree: Path) -> Cal
         work = tmp_path_factory.mktemp(f"fs-{variant}")
         fs = work / "fs.img"
         cached = cache_dir() / f"{variant}-{_recipe_key(variant)}.img"
-        if cached.is_file():
+        try:
             shutil.copyfile(cached, fs)
-        else:
+            hit = True
+        except FileNotFoundError:  # not built yet (or replaced by another worker just now)
+            hit = False
+        if not hit:
             entries = HTREE_VARIANTS.get(variant, 0)
             build_fs_image(variant, fs, htree_source(entries) if entries else lambda: source_tree)
             with contextlib.suppress(OSError):
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 for stale in cached.parent.glob(f"{variant}-*.img"):  # older recipes of this variant
-                    stale.unlink()
+                    if stale != cached:
+                        stale.unlink()
                 partial = cached.with_name(f".{cached.name}.{os.getpid()}")
                 shutil.copyfile(fs, partial)
                 os.replace(partial, cached)

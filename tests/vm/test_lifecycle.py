@@ -89,6 +89,19 @@ def test_stop_kills_a_qemu_whose_monitor_does_not_answer(blank_image: Path, laun
     assert vm.find_running(blank_image) is None
 
 
+def test_a_killed_qemu_child_is_reaped_not_left_a_zombie(blank_image: Path, launch: Launch) -> None:
+    """Its cmdline vanishes before it becomes a zombie: the first look that finds it gone must
+    also reap it, or it stays a zombie of this process (a /proc entry answering kill(pid, 0))."""
+    running = launch(no_os_spec(blank_image))
+    os.kill(running.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while vm.is_qemu_process(running.pid, running.qmp_socket) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not vm.is_qemu_process(running.pid, running.qmp_socket)
+    with pytest.raises(ChildProcessError):  # reaped already: no child of that pid is left
+        os.waitpid(running.pid, os.WNOHANG)
+
+
 def test_a_busy_port_fails_before_qemu_starts(blank_image: Path, launch: Launch) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

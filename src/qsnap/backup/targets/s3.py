@@ -35,6 +35,7 @@ MAX_PARTS = 10_000
 # 1 GiB): 3 -> 11.3-11.7 s, 6 -> 10.9 s, 10 -> 10.3 s for +13 / +31 MiB of peak memory; a real WAN
 # link, where one TCP connection is bounded by its window over the round trip, gains more.
 PARALLEL = 6
+IN_FLIGHT_BYTES = 64 << 20  # at most this much of parts uploading at once (but 2 parts at least)
 READ_PARALLEL = 3  # ranged GETs in flight (verify, import): 8 MiB each, decompressed behind them
 READ_CHUNK = 8 << 20
 UPLOAD_METADATA = "qsnap"
@@ -253,6 +254,9 @@ class MultipartSink:
         self.key = key
         self.size = 0
         self.part_size = max(PART_SIZE, -(-size_hint // (MAX_PARTS - 100)))
+        # memory stays bounded whatever the disk size: fewer parts in flight when they are larger
+        # (huge disks need parts over 8 MiB to stay under 10,000 of them)
+        parallel = max(2, min(parallel, IN_FLIGHT_BYTES // self.part_size))
         self.parallel = parallel
         self.upload_id: str | None = None
         self.pending = bytearray()
