@@ -322,12 +322,12 @@ def _rebuild(
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qsnap-fsync") as pool:
                 def flush() -> None:
                     fsync_file(partial)
-                    _log.debug("compact: synced at %.2f s", time.monotonic() - _T0)
+                    _checkpoint("synced")
 
                 synced = pool.submit(flush)
                 try:
                     checked = qemu_img.check(partial)
-                    _log.debug("compact: checked at %.2f s", time.monotonic() - _T0)
+                    _checkpoint("checked")
                     if checked.corruptions or checked.leaks or checked.check_errors:
                         raise VerificationFailed(
                             f"qemu-img check of the compacted image found {checked.corruptions} corruptions, "
@@ -380,7 +380,7 @@ def _rebuild(
                 raise VerificationFailed(f"{path} changed under compact; the original is kept as {old}.")
         old.unlink()  # 2-5 s for 6 GiB on an ext4 mounted with discard (the freed blocks are discarded)
         _fsync_dir(path.parent)
-        _log.debug("compact: removed at %.2f s", time.monotonic() - _T0)
+        _checkpoint("removed")
         kept = None
     return CompactReport(
         image=path, dry_run=False, file_size=st.st_size, predicted_size=result.prediction.size,
